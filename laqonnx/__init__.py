@@ -1,0 +1,45 @@
+"""laqonnx: layer-wise adversarial-aware int8 quantization of ONNX models.
+
+The public API is imported lazily so that ``import laqonnx`` stays cheap and a deployment install
+(without torch or ART) works:
+
+>>> import laqonnx
+>>> analysis = laqonnx.analyze("model.onnx")            # per-layer Lipschitz analysis
+>>> result = laqonnx.quantize("model.onnx", "model.int8.onnx", calib="digits")
+>>> report = laqonnx.evaluate(["model.int8.onnx"], data="digits", eps=8 / 255)
+>>> laqonnx.deploy("model.int8.onnx", "model.e2e.onnx", image_size=32)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API: dict[str, str] = {
+    "analyze": "laqonnx.analysis",
+    "Analysis": "laqonnx.analysis",
+    "quantize": "laqonnx.pipeline",
+    "QuantizeResult": "laqonnx.pipeline",
+    "evaluate": "laqonnx.robustness.evaluate",
+    "EvaluationReport": "laqonnx.robustness.evaluate",
+    "deploy": "laqonnx.deployment",
+    "LaqonnxError": "laqonnx.errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'laqonnx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

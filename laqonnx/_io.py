@@ -1,0 +1,76 @@
+"""Safe output writing: atomic replace, never the input file, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_model", "check_output_path"]
+
+
+def check_output_path(output: str | os.PathLike[str], *inputs: str | os.PathLike[str] | None) -> Path:
+    """Validate an output path: its folder exists and is writable, and it is none of ``inputs``."""
+    out = Path(output)
+    for inp in inputs:
+        if inp is None:
+            continue
+        ip = Path(inp)
+        if ip.exists() and out.exists() and os.path.samefile(ip, out):
+            raise OutputError(f"refusing to overwrite the input {ip}: choose another output path")
+        if out.resolve() == ip.resolve():
+            raise OutputError(f"refusing to overwrite the input {ip}: choose another output path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {out}: folder {parent} is not writable")
+    if out.is_dir():
+        raise OutputError(f"cannot write {out}: it is a folder")
+    return out
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    out = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_model(model: Any, path: str | os.PathLike[str], *inputs: str | os.PathLike[str] | None) -> Path:
+    """Serialize an ``onnx.ModelProto`` atomically; refuses to overwrite any of ``inputs``.
+
+    Models over 2 GB are not supported by a single protobuf; they raise :class:`OutputError`.
+    """
+    out = check_output_path(path, *inputs)
+    try:
+        data = model.SerializeToString()
+    except ValueError as exc:  # protobuf refuses > 2 GB
+        raise OutputError(f"cannot serialize the model for {out}: {exc}") from exc
+    return atomic_write_bytes(out, data)
