@@ -1,0 +1,39 @@
+"""Reference data and models for the demo, tests and benchmarks.
+
+``laqonnx.zoo.digits`` needs only numpy and scikit-learn; the models, training, export and cache
+need torch (``pip install 'laqonnx[robustness]'``) and are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .digits import load_digits
+
+# public name -> submodule that defines it (imported on first use: torch stays optional)
+_API: dict[str, str] = {
+    "ARCHITECTURES": "laqonnx.zoo.models",
+    "build_model": "laqonnx.zoo.models",
+    "TrainConfig": "laqonnx.zoo.train",
+    "TrainedModel": "laqonnx.zoo.train",
+    "train": "laqonnx.zoo.train",
+    "export_onnx": "laqonnx.zoo.export",
+    "ZooModel": "laqonnx.zoo.cache",
+    "get_model": "laqonnx.zoo.cache",
+}
+
+__all__ = ["load_digits", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'laqonnx.zoo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
