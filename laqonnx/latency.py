@@ -1,0 +1,412 @@
+"""CPU latency of ONNX models in onnxruntime, and what the CPU offers for int8.
+
+Latency is measured the way a deployment runs a classifier: onnxruntime's CPU execution
+provider, all graph optimizations, a fixed number of intra-op threads, sequential execution, on
+random inputs in [0, 1]. Each run is timed on its own with ``time.perf_counter_ns`` after a
+warm-up, and percentiles are reported. :func:`compare_latency` measures several models
+*interleaved* (round-robin, several rounds), so a ratio such as float / int8 is taken side by
+side under the same machine noise.
+
+Int8 is only fast on CPUs with int8 dot-product instructions (x86 VNNI or AMX, Arm dot product);
+:class:`CpuInfo` says which ones are present and warns when none is.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+
+from .errors import ModelError
+
+__all__ = [
+    "CpuInfo",
+    "parse_cpuinfo",
+    "cpu_info",
+    "default_threads",
+    "LatencyStats",
+    "LatencyResult",
+    "measure_latency",
+    "compare_latency",
+]
+
+ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
+
+# CPU flag -> shown name, in the order reported; all give onnxruntime fast int8 kernels.
+_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The CPU model, its core counts and instruction-set flags relevant to int8 speed."""
+
+    model_name: str
+    logical_cores: int
+    flags: frozenset[str]
+    vnni: bool
+    amx: bool
+    avx512: bool
+    physical_cores: int | None = None
+    note: str | None = None  # set when the flags could not be read
+
+    def int8_isa(self) -> list[str]:
+        """The int8 dot-product extensions present, e.g. ``["avx512_vnni", "avx_vnni", "amx_int8"]``."""
+        return [f for f in _INT8_FLAGS if f in self.flags]
+
+    def int8_warning(self) -> str | None:
+        """A one-line warning when int8 is unlikely to be faster than float here, else None."""
+        if self.note is not None:
+            return f"int8 speed unknown: {self.note}"
+        if self.int8_isa():
+            return None
+        return (
+            f"{self.model_name or 'this CPU'} has no VNNI or AMX (nor Arm dot product): int8 will be "
+            "slow here and may be slower than float"
+        )
+
+
+def parse_cpuinfo(text: str) -> CpuInfo:
+    """Parse the text of Linux ``/proc/cpuinfo`` (x86 or Arm). A pure function, for testing."""
+    model_name = ""
+    flags: set[str] = set()
+    processors = 0
+    cores: set[tuple[str, str]] = set()
+    physical_id = core_id = None
+    for line in text.splitlines() + [""]:
+        if not line.strip():  # end of one processor's block
+            if physical_id is not None and core_id is not None:
+                cores.add((physical_id, core_id))
+            physical_id = core_id = None
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, value = key.strip().lower(), value.strip()
+        if key == "processor" and value.isdigit():
+            processors += 1
+        elif key in ("model name", "cpu model") and not model_name:
+            model_name = value
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.lower().split())
+        elif key == "physical id":
+            physical_id = value
+        elif key == "core id":
+            core_id = value
+    if not model_name:
+        model_name = platform.processor() or platform.machine() or "unknown CPU"
+    return CpuInfo(
+        model_name=model_name,
+        logical_cores=processors or (os.cpu_count() or 1),
+        flags=frozenset(flags),
+        vnni=bool(flags & {"avx512_vnni", "avx_vnni"}),
+        amx="amx_int8" in flags,
+        avx512="avx512f" in flags,
+        physical_cores=len(cores) or None,
+        note=None if flags else "no CPU flags found in /proc/cpuinfo",
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    """This machine's :class:`CpuInfo` (cached). Flags are read on Linux only."""
+    try:
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return CpuInfo(
+            model_name=platform.processor() or platform.machine() or "unknown CPU",
+            logical_cores=os.cpu_count() or 1,
+            flags=frozenset(),
+            vnni=False,
+            amx=False,
+            avx512=False,
+            note=f"CPU instruction sets are not read on {platform.system() or 'this platform'}",
+        )
+
+
+def default_threads() -> int:
+    """Physical cores (logical if unknown), capped by the cores this process may use."""
+    info = cpu_info()
+    n = info.physical_cores or info.logical_cores
+    try:
+        n = min(n, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        pass
+    return max(1, n)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Per-run latency at one batch size, in milliseconds; throughput in examples per second."""
+
+    batch_size: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float
+    runs: int
+
+    @classmethod
+    def from_times(cls, batch_size: int, times_ms: Sequence[float]) -> LatencyStats:
+        t = np.asarray(times_ms, dtype=np.float64)
+        p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
+        mean = float(t.mean())
+        return cls(batch_size, p50, p90, p99, mean, batch_size * 1000.0 / mean if mean > 0 else float("inf"), t.size)
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"p50": self.p50_ms, "p90": self.p90_ms, "p99": self.p99_ms, "mean": self.mean_ms,
+                "throughput": self.throughput, "runs": self.runs}
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Latency of one model at each measured batch size."""
+
+    model: str
+    stats: tuple[LatencyStats, ...]
+    threads: int
+    cpu: CpuInfo
+    providers: tuple[str, ...]
+
+    def at(self, batch_size: int) -> LatencyStats:
+        for s in self.stats:
+            if s.batch_size == batch_size:
+                return s
+        raise KeyError(f"batch size {batch_size} was not measured (measured: {[s.batch_size for s in self.stats]})")
+
+    def to_json(self) -> dict[str, Any]:
+        """``p50/p90/p99`` (ms) at batch 1 (else the smallest batch measured), plus every batch."""
+        head = min(self.stats, key=lambda s: s.batch_size)
+        return {
+            "p50": head.p50_ms,
+            "p90": head.p90_ms,
+            "p99": head.p99_ms,
+            "batch_size": head.batch_size,
+            "by_batch": {str(s.batch_size): s.to_json() for s in self.stats},
+            "threads": self.threads,
+            "providers": list(self.providers),
+            "cpu_model": self.cpu.model_name,
+            "int8_isa": self.cpu.int8_isa(),
+            "int8_warning": self.cpu.int8_warning(),
+        }
+
+
+@dataclass(frozen=True)
+class _Options:
+    batch_sizes: tuple[int, ...]
+    threads: int
+    warmup: int
+    runs: int
+    min_time_s: float
+    rounds: int
+    input_shape: tuple[int, ...] | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes must be positive integers, got {self.batch_sizes!r}")
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise ValueError(f"batch_sizes has duplicates: {self.batch_sizes!r}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.warmup < 0 or self.runs < 1 or self.rounds < 1:
+            raise ValueError("need warmup >= 0, runs >= 1 and rounds >= 1")
+        if self.min_time_s < 0:
+            raise ValueError(f"min_time_s must be >= 0, got {self.min_time_s}")
+        if self.input_shape is not None and any(int(d) != d or d < 1 for d in self.input_shape):
+            raise ValueError(f"input_shape must be positive integers, got {self.input_shape!r}")
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(uint8)": np.uint8}
+
+
+@dataclass
+class _Session:
+    """One onnxruntime session and its single input; ``run`` executes one inference."""
+
+    name: str
+    session: Any
+    input_name: str
+    input_dims: list[Any]
+    dtype: Any
+    input_shape: tuple[int, ...] | None
+    _feeds: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def accepts(self, batch: int) -> bool:
+        first = self.input_dims[0] if self.input_dims else None
+        return not isinstance(first, int) or first <= 0 or first == batch
+
+    def prepare(self, batch: int) -> None:
+        if batch in self._feeds:
+            return
+        dims = self.input_dims[1:]
+        if self.input_shape is not None:
+            if len(self.input_shape) != len(dims):
+                raise ModelError(f"{self.name}: input_shape {list(self.input_shape)} has {len(self.input_shape)} "
+                                 f"dimensions, the model's input {self.input_name!r} has {len(dims)} besides the batch")
+            dims = list(self.input_shape)
+        elif any(not isinstance(d, int) or d <= 0 for d in dims):
+            raise ModelError(f"{self.name}: input {self.input_name!r} has dynamic dimensions {self.input_dims}; "
+                             "pass input_shape (without the batch dimension)")
+        rng = np.random.default_rng(batch)
+        if self.dtype == np.uint8:
+            x = rng.integers(0, 256, (batch, *dims), dtype=np.uint8)
+        else:
+            x = rng.uniform(0, 1, (batch, *dims)).astype(self.dtype)
+        self._feeds[batch] = {self.input_name: x}
+
+    def run(self, batch: int) -> None:
+        try:
+            self.session.run(None, self._feeds[batch])
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise ModelError(f"{self.name}: onnxruntime failed at batch {batch}: {str(exc).splitlines()[0]}") from exc
+
+
+def _open(name: str, model: ModelLike, opts: _Options) -> _Session:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = opts.threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if isinstance(model, onnx.ModelProto):
+        source: Any = model.SerializeToString()
+        domains = {o.domain for o in model.opset_import}
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        source = str(path)
+        try:
+            domains = {o.domain for o in onnx.load(str(path), load_external_data=False).opset_import}
+        except Exception as exc:
+            raise ModelError(f"cannot read {path} as an ONNX model: {exc}") from exc
+    if "ai.onnx.contrib" in domains:  # pre/post-processing from onnxruntime-extensions
+        from .errors import require
+
+        so.register_custom_ops_library(require("onnxruntime_extensions", "deploy").get_library_path())
+    try:
+        sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"{name}: onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"{name}: expected one input, the model has {len(inputs)}: {[i.name for i in inputs]}")
+    dtype = _NUMPY_TYPES.get(inputs[0].type)
+    if dtype is None:
+        raise ModelError(f"{name}: unsupported input type {inputs[0].type} (float or uint8 expected)")
+    return _Session(name, sess, inputs[0].name, list(inputs[0].shape), dtype, opts.input_shape)
+
+
+def _model_name(model: ModelLike) -> str:
+    if isinstance(model, onnx.ModelProto):
+        return model.graph.name or "<in-memory model>"
+    return str(model)
+
+
+def _measure(models: Mapping[str, ModelLike], opts: _Options) -> dict[str, LatencyResult]:
+    """Open every model, then measure each batch size round-robin over the models."""
+    from tqdm.auto import tqdm
+
+    sessions = {key: _open(key, m, opts) for key, m in models.items()}
+    for s in sessions.values():
+        if not any(s.accepts(b) for b in opts.batch_sizes):
+            raise ModelError(f"{s.name}: fixed batch dimension {s.input_dims[0]} is none of batch_sizes "
+                             f"{list(opts.batch_sizes)}")
+    times: dict[str, dict[int, list[float]]] = {k: {} for k in sessions}
+    per_round = -(-opts.runs // opts.rounds)  # ceil
+    bar = tqdm(total=opts.runs * len(opts.batch_sizes) * len(sessions), desc="latency", unit="run",
+               disable=not opts.progress, leave=False)
+    try:
+        for batch in opts.batch_sizes:
+            keys = [k for k, s in sessions.items() if s.accepts(batch)]
+            for k in keys:
+                sessions[k].prepare(batch)
+                for _ in range(opts.warmup):
+                    sessions[k].run(batch)
+                times[k][batch] = []
+            r = 0
+            while True:
+                pending = [k for k in keys if len(times[k][batch]) < opts.runs
+                           or sum(times[k][batch]) < opts.min_time_s * 1000.0]
+                if not pending:
+                    break
+                order = pending[r % len(pending):] + pending[: r % len(pending)]  # rotate the start
+                for k in order:
+                    sess, out = sessions[k], times[k][batch]
+                    before = min(len(out), opts.runs)
+                    for _ in range(per_round):
+                        t0 = time.perf_counter_ns()
+                        sess.run(batch)
+                        out.append((time.perf_counter_ns() - t0) / 1e6)
+                    bar.update(min(len(out), opts.runs) - before)
+                r += 1
+    finally:
+        bar.close()
+    info = cpu_info()
+    return {
+        k: LatencyResult(
+            model=s.name,
+            stats=tuple(LatencyStats.from_times(b, t) for b, t in times[k].items()),
+            threads=opts.threads,
+            cpu=info,
+            providers=tuple(s.session.get_providers()),
+        )
+        for k, s in sessions.items()
+    }
+
+
+def _options(batch_sizes: Sequence[int], threads: int | None, warmup: int, runs: int, min_time_s: float,
+             rounds: int, input_shape: Sequence[int] | None, progress: bool) -> _Options:
+    return _Options(tuple(batch_sizes), default_threads() if threads is None else threads, warmup, runs,
+                    min_time_s, min(rounds, runs), None if input_shape is None else tuple(input_shape), progress)
+
+
+def measure_latency(
+    model: ModelLike,
+    *,
+    batch_sizes: Sequence[int] = (1, 32),
+    threads: int | None = None,
+    warmup: int = 10,
+    runs: int = 50,
+    min_time_s: float = 0.0,
+    input_shape: Sequence[int] | None = None,
+    progress: bool = False,
+) -> LatencyResult:
+    """Latency percentiles of ``model`` on the onnxruntime CPU provider at each batch size.
+
+    ``threads`` defaults to the physical cores; ``input_shape`` (without the batch dimension) is
+    required when a non-batch input dimension is dynamic. At least ``runs`` timed runs are made,
+    more until ``min_time_s`` of timed runs is reached. A model with a fixed batch dimension is
+    measured only at that batch size.
+    """
+    opts = _options(batch_sizes, threads, warmup, runs, min_time_s, 1, input_shape, progress)
+    return _measure({_model_name(model): model}, opts)[_model_name(model)]
+
+
+def compare_latency(models: Mapping[str, ModelLike], *, rounds: int = 10, **kw: Any) -> dict[str, LatencyResult]:
+    """Measure several models interleaved: ``rounds`` round-robin passes, each running every model
+    for ``runs / rounds`` timed runs, so ratios between models share the same machine noise.
+    Other keywords are those of :func:`measure_latency`."""
+    if not models:
+        raise ValueError("compare_latency needs at least one model")
+    allowed = {"batch_sizes", "threads", "warmup", "runs", "min_time_s", "input_shape", "progress"}
+    unknown = set(kw) - allowed
+    if unknown:
+        raise TypeError(f"compare_latency got unexpected keywords {sorted(unknown)}")
+    args = {"batch_sizes": (1, 32), "threads": None, "warmup": 10, "runs": 50, "min_time_s": 0.0,
+            "input_shape": None, "progress": False, **kw}
+    opts = _options(args["batch_sizes"], args["threads"], args["warmup"], args["runs"], args["min_time_s"],
+                    rounds, args["input_shape"], args["progress"])
+    return _measure(dict(models), opts)
