@@ -1,0 +1,13 @@
+"""Robustness measured on the quantized model itself.
+
+- :mod:`.ort_estimator`: onnxruntime sessions returning logits, and ART's black-box estimator;
+- :mod:`.mirror`: a differentiable PyTorch mirror of the ONNX graph (QDQ as fake-quant, STE);
+- :mod:`.attacks`: the attack suite, presets and the per-example worst case;
+- :mod:`.evaluate`: ``laqonnx.evaluate(...)`` and its :class:`EvaluationReport`.
+
+Submodules import torch / ART lazily; importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ort_estimator", "mirror", "attacks", "evaluate"]
