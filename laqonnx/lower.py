@@ -1,0 +1,259 @@
+"""Lowering: planned quantization parameters -> a QDQ model written by onnxruntime's own quantizer.
+
+We drive :class:`onnxruntime.quantization.QDQQuantizer` (exported by
+``onnxruntime.quantization``, the class ``quantize_static`` itself builds) directly:
+
+* activation ranges come from OUR calibration, passed as ``TensorsData`` (min/max per tensor), so
+  onnxruntime's calibration pass (an augmented model run over the data a second time) is skipped;
+  onnxruntime turns each range into a scale/zero point with its own ``compute_scale_zp``;
+* weight scales/zero points/types are passed as ``TensorQuantOverrides`` (per-channel: one dict per
+  output channel, the first carrying ``axis``), so the written ``DequantizeLinear`` initializers are
+  exactly the planned ones; onnxruntime's int32-bias weight-scale adjustment is disabled for the
+  same reason;
+* layers left in float are ``nodes_to_exclude``;
+* int4 weights or 16-bit activations need opset 21: the model is converted with
+  ``onnx.version_converter`` first.
+
+The graph layout (which tensors get a QDQ pair, Relu removal, bias quantization to int32) is
+onnxruntime's, so onnxruntime fuses the result into its int8 kernels. :func:`ort_baseline` runs the
+plain ``quantize_static`` for side-by-side comparisons. The input model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .errors import ModelError
+from .quantizers import ActivationQuant, QParams
+
+__all__ = [
+    "ORT_QUANTIZED_OPS",
+    "LoweringSpec",
+    "lower",
+    "quantized_tensors",
+    "ort_baseline",
+    "BASELINES",
+]
+
+QDQ_OPSET_FOR_LOW_BITS = 21
+BASELINES = ("ort-minmax", "ort-percentile", "ort-entropy")
+
+
+def _ort_quantized_ops() -> frozenset[str]:
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
+
+
+ORT_QUANTIZED_OPS: frozenset[str] = _ort_quantized_ops()
+
+
+@dataclass(frozen=True)
+class LoweringSpec:
+    """Everything the lowering needs, keyed by tensor / node name.
+
+    ``weights``: initializer name -> planned qparams. ``ranges``: activation tensor -> (rmin, rmax).
+    ``activations``: activation tensor -> its setting, for tensors that differ from ``default``
+    (e.g. 16-bit). ``exclude``: node names left in float.
+    """
+
+    weights: Mapping[str, QParams]
+    ranges: Mapping[str, tuple[float, float]]
+    activations: Mapping[str, ActivationQuant] = field(default_factory=dict)
+    default: ActivationQuant = field(default_factory=ActivationQuant)
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, (lo, hi) in self.ranges.items():
+            if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+                raise ValueError(f"invalid range [{lo}, {hi}] for tensor {name!r}")
+        if self.default.bits != 8:
+            raise ValueError("the default activation setting must be 8-bit")
+        if not isinstance(self.exclude, tuple):
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+def quantized_tensors(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> list[str]:
+    """Float activation tensors onnxruntime's quantizer may put a QDQ pair on (inputs/outputs of
+    the op types it quantizes, not initializers), in graph order: the tensors to calibrate."""
+    excluded = set(exclude)
+    inits = {i.name for i in model.graph.initializer}
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    types: dict[str, int] = {}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    seen: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type not in ORT_QUANTIZED_OPS or node.name in excluded:
+            continue
+        for name in [*node.input, *node.output]:
+            if name and name not in inits and types.get(name, onnx.TensorProto.FLOAT) in float_types:
+                seen.setdefault(name, None)
+    return list(seen)
+
+
+def _quant_type(bits: int, signed: bool):
+    from onnxruntime.quantization import QuantType
+
+    return {
+        (8, True): QuantType.QInt8,
+        (8, False): QuantType.QUInt8,
+        (4, True): QuantType.QInt4,
+        (4, False): QuantType.QUInt4,
+        (16, True): QuantType.QInt16,
+        (16, False): QuantType.QUInt16,
+    }[(bits, signed)]
+
+
+def _weight_override(qp: QParams) -> list[dict]:
+    qtype = _quant_type(qp.bits, qp.signed)
+    if qp.axis is None:
+        return [{"scale": np.float32(qp.scale), "zero_point": qp.zero_point.astype(qp.storage_dtype)[()], "quant_type": qtype}]
+    out = []
+    for c in range(qp.scale.shape[0]):
+        d = {"scale": np.float32(qp.scale[c]), "zero_point": qp.zero_point[c], "quant_type": qtype}
+        if c == 0:
+            d["axis"] = int(qp.axis)
+        out.append(d)
+    return out
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+def _to_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, version)
+        return onnx.shape_inference.infer_shapes(converted)
+    except Exception as exc:  # the converter raises bare RuntimeErrors/ValueErrors
+        raise ModelError(
+            f"int4 weights / 16-bit activations need opset {version}, and converting the model failed: {exc}"
+        ) from exc
+
+
+def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
+    """Return the QDQ model onnxruntime's quantizer writes for ``spec`` (``model`` is not modified)."""
+    from onnxruntime.quantization import QDQQuantizer, TensorData, TensorsData
+    from onnxruntime.quantization.calibrate import CalibrationMethod
+
+    work = copy.deepcopy(model)
+    low_bits = any(qp.bits != 8 for qp in spec.weights.values()) or any(a.bits != 8 for a in spec.activations.values())
+    if low_bits and _opset(work) < QDQ_OPSET_FOR_LOW_BITS:
+        work = _to_opset(work, QDQ_OPSET_FOR_LOW_BITS)
+
+    overrides: dict[str, list[dict]] = {name: _weight_override(qp) for name, qp in spec.weights.items()}
+    for name, act in spec.activations.items():
+        if act != spec.default:
+            overrides[name] = [{"quant_type": _quant_type(act.bits, act.signed)}]
+            if act.symmetric:
+                overrides[name][0]["symmetric"] = True
+    data = {
+        name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in spec.ranges.items()
+    }
+    extra = {
+        "TensorQuantOverrides": overrides,
+        "QDQDisableWeightAdjustForInt32Bias": True,
+        "ActivationSymmetric": spec.default.symmetric,
+        "WeightSymmetric": True,
+    }
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime's quantizer logs "please pre-process" warnings at root level
+    try:
+        quantizer = QDQQuantizer(
+            work,
+            False,  # per_channel: decided per weight by the overrides
+            False,  # reduce_range
+            _quant_type(8, True),
+            _quant_type(8, spec.default.signed),
+            TensorsData(CalibrationMethod.MinMax, data),
+            [],
+            list(spec.exclude),
+            sorted(ORT_QUANTIZED_OPS),
+            extra,
+        )
+        quantizer.quantize_model()
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"onnxruntime's quantizer rejected the plan: {exc}") from exc
+    finally:
+        root.setLevel(level)
+    out = quantizer.model.model
+    out.producer_name = "laqonnx"
+    return out
+
+
+class _Reader:
+    """A ``CalibrationDataReader`` over in-memory batches (for the plain onnxruntime baseline)."""
+
+    def __init__(self, input_name: str, batches: Sequence[np.ndarray]) -> None:
+        self._name = input_name
+        self._batches = list(batches)
+        self._i = 0
+
+    def get_next(self):
+        if self._i >= len(self._batches):
+            return None
+        self._i += 1
+        return {self._name: self._batches[self._i - 1]}
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def rewind(self) -> None:
+        self._i = 0
+
+
+def ort_baseline(
+    model: onnx.ModelProto,
+    input_name: str,
+    batches: Sequence[np.ndarray],
+    *,
+    method: str = "ort-minmax",
+    per_channel: bool = False,
+) -> onnx.ModelProto:
+    """onnxruntime's plain ``quantize_static``: QDQ, uint8 activations, int8 weights, ``method``'s
+    calibration, per-channel iff asked. Returns the model (written by onnxruntime in a temporary
+    folder and read back, so the caller writes the output atomically)."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {
+        "ort-minmax": CalibrationMethod.MinMax,
+        "ort-percentile": CalibrationMethod.Percentile,
+        "ort-entropy": CalibrationMethod.Entropy,
+    }
+    if method not in methods:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {method!r}")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="laqonnx-baseline-") as tmp:
+            path = Path(tmp) / "baseline.onnx"
+            quantize_static(
+                copy.deepcopy(model),
+                str(path),
+                _Reader(input_name, batches),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+            )
+            return onnx.load(str(path))
+    finally:
+        root.setLevel(level)
