@@ -267,6 +267,21 @@ def _log_softmax(ctx: NodeContext, a: list[Any]) -> list[Any]:
     return [_softmax_like(ctx, a[0], torch.log_softmax)]
 
 
+@register("Round")
+def _round(ctx: NodeContext, a: list[Any]) -> list[Any]:
+    return [torch.round(a[0])]  # half to even, like ONNX; zero gradient (not straight-through)
+
+
+@register("Floor")
+def _floor(ctx: NodeContext, a: list[Any]) -> list[Any]:
+    return [torch.floor(a[0])]
+
+
+@register("Ceil")
+def _ceil(ctx: NodeContext, a: list[Any]) -> list[Any]:
+    return [torch.ceil(a[0])]
+
+
 @register("Identity")
 def _identity(ctx: NodeContext, a: list[Any]) -> list[Any]:
     return [a[0]]

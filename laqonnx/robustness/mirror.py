@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from ..errors import ModelError
 
-__all__ = ["Mirror", "build_mirror", "register", "supported_ops", "NodeContext", "STE", "QRANGE"]
+__all__ = ["Mirror", "build_mirror", "mirror_classifier", "fake_quantize", "register", "supported_ops", "NodeContext", "STE", "QRANGE"]
 
 STE = Literal["clipped", "identity"]
 
@@ -223,6 +223,22 @@ def build_mirror(model: str | os.PathLike[str] | onnx.ModelProto, *, ste: STE = 
         except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as exc:  # noqa: BLE001
             raise ModelError(f"cannot load ONNX model {model}: {exc}") from exc
     return Mirror(model, ste=ste).eval()
+
+
+def mirror_classifier(mirror: torch.nn.Module, input_shape: tuple[int, ...], nb_classes: int,
+                      clip_values: tuple[float, float] = (0.0, 1.0)) -> Any:
+    """ART ``PyTorchClassifier`` over a mirror: logits, cross-entropy loss, channels first, CPU."""
+    from art.estimators.classification import PyTorchClassifier
+
+    return PyTorchClassifier(
+        model=mirror,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=tuple(input_shape),
+        nb_classes=int(nb_classes),
+        clip_values=clip_values,
+        channels_first=True,
+        device_type="cpu",
+    )
 
 
 # --------------------------------------------------------------------------------------------
