@@ -1,15 +1,74 @@
-"""`laqonnx deploy` (placeholder until its issue lands)."""
+"""`laqonnx deploy`: one ONNX file from encoded image bytes to classes (onnxruntime-extensions)."""
 
 from __future__ import annotations
 
 import argparse
 
+__all__ = ["add_parser"]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("deploy", help="(not available yet)")
-    p.set_defaults(run=_run)
+    p = sub.add_parser(
+        "deploy",
+        help="embed image decoding, preprocessing and top-k in the model (onnxruntime-extensions)",
+        description=(
+            "Write one ONNX file whose input is the bytes of a PNG or JPEG image (uint8, 1-D, named "
+            "image_bytes) and whose outputs are class_index (int64), topk_scores, topk_indices and, with "
+            "--labels, topk_labels. It decodes, resizes the shorter side to --resize, center-crops "
+            "--image-size, scales to [0, 1], normalizes, runs the (float or quantized) network and takes "
+            "softmax + top-k. Serving needs onnxruntime plus onnxruntime-extensions (laqonnx[deploy]), "
+            "with so.register_custom_ops_library(onnxruntime_extensions.get_library_path())."
+        ),
+    )
+    p.add_argument("model", help="input .onnx classifier with one (N, C, S, S) float input, C = 1 or 3")
+    p.add_argument("-o", "--output", required=True, help="path of the deployed .onnx file to write")
+    p.add_argument("--image-size", type=_positive, metavar="S",
+                   help="center-crop size, the model's input size (default: read from the model)")
+    p.add_argument("--resize", type=_positive, metavar="R",
+                   help="resize the shorter image side to R before the crop (default: S)")
+    p.add_argument("--mean", type=_floats, default=(0.0,), metavar="M1,M2,M3",
+                   help="per-channel mean subtracted after scaling to [0, 1] (1 or C values; default 0)")
+    p.add_argument("--std", type=_floats, default=(1.0,), metavar="S1,S2,S3",
+                   help="per-channel std divided by after the mean (1 or C values; default 1)")
+    p.add_argument("--channels", choices=("rgb", "bgr", "gray"),
+                   help="channel order the model expects (default: gray for 1-channel models, rgb for 3)")
+    p.add_argument("--labels", metavar="FILE", help="text file with one class label per line: adds topk_labels")
+    p.add_argument("--top-k", type=_positive, metavar="K", help="number of top classes to output (default min(5, classes))")
+    p.set_defaults(run=_run, _parser=p)
 
 
 def _run(args: argparse.Namespace) -> int:
-    print("laqonnx deploy is not available in this build yet")
-    return 1
+    from ..deployment import deploy
+
+    try:
+        result = deploy(
+            args.model, args.output, image_size=args.image_size, resize=args.resize, mean=args.mean,
+            std=args.std, channels=args.channels, labels=args.labels, top_k=args.top_k,
+        )
+    except ValueError as exc:  # option validation (DeployOptions): report like argparse does
+        args._parser.error(str(exc))
+    o = result.options
+    print(
+        f"wrote {result.path}: input {result.input_name} (uint8 encoded PNG/JPEG bytes) -> "
+        f"{', '.join(result.output_names)}; {o.channels}, shorter side {o.resize}, crop {o.image_size}, "
+        f"mean {list(o.mean)}, std {list(o.std)}, top-{o.top_k} of {result.num_classes} classes"
+    )
+    return 0

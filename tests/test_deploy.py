@@ -1,0 +1,359 @@
+"""laqonnx.deploy: deployed model (bytes -> classes) against the manual PIL + numpy + onnxruntime path.
+
+Tolerances, all stated against the manual path (PIL decode, PIL bilinear resize, x / 255, the original
+model in onnxruntime, numpy softmax); measured maxima over 20-40 seeds/sizes in brackets:
+- image already at the input size, PNG, float and QDQ models: pixels are bit-identical (PNG decode and
+  PIL "L" are exact); only x * float32(1/255) vs x / 255 differs (<= 1 ulp): top-k indices equal
+  exactly, scores within 1e-6 [1.5e-7 float, 3e-8 QDQ];
+- resize path on smooth PNGs: ONNX antialiased linear Resize differs from PIL by <= 1 grey level:
+  top-k equal up to near-ties, scores within 1e-3 [4.8e-4];
+- JPEG: the extensions' decoder differs from PIL's by <= 2 grey levels on smooth images (chroma
+  upsampling): top-k equal up to near-ties, scores within 1e-2 [4.6e-3; in 2 of 80 random-weight
+  cases the top-1 differed, where the reference top-2 margin (4e-5, 4e-4) was below that deviation].
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+ort = pytest.importorskip("onnxruntime")
+ortx = pytest.importorskip("onnxruntime_extensions")
+from PIL import Image  # noqa: E402
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException  # noqa: E402
+
+import laqonnx  # noqa: E402
+from laqonnx.cli import main  # noqa: E402
+from laqonnx.deployment import DeployOptions, build_deployed_model, deploy, read_labels  # noqa: E402
+from laqonnx.errors import DataError, ModelError, OutputError  # noqa: E402
+from tests.models import cnn, random_input  # noqa: E402
+
+ORT_ERRORS = (Fail, RuntimeException)
+S = 8
+LABELS = tuple(f"class_{i}" for i in range(10))
+
+
+# ---------------------------------------------------------------- helpers
+def session(model: onnx.ModelProto | str | Path, extensions: bool = True) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    if extensions:
+        so.register_custom_ops_library(ortx.get_library_path())
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def encode(pixels: np.ndarray, fmt: str) -> np.ndarray:
+    buf = io.BytesIO()
+    kwargs = {"quality": 95} if fmt == "JPEG" else {}
+    Image.fromarray(pixels).save(buf, format=fmt, **kwargs)
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth RGB image (random linear gradients per channel) in uint8."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    chans = [rng.uniform(20, 60) + rng.uniform(-1, 1) * 150 * xx + rng.uniform(-1, 1) * 150 * yy for _ in range(3)]
+    return np.clip(np.stack(chans, -1) + 60, 0, 255).astype(np.uint8)
+
+
+def manual_input(data: np.ndarray, opts: DeployOptions) -> np.ndarray:
+    """The documented pipeline with PIL + numpy: decode, convert, resize (shorter side), crop, scale, normalize."""
+    img = Image.open(io.BytesIO(data.tobytes()))
+    img = img.convert("L" if opts.channels == "gray" else "RGB")
+    w, h = img.size
+    hw = np.array([h, w], np.float32)
+    new = np.round(hw * (np.float32(opts.resize) / hw).max()).astype(int)
+    if (new[0], new[1]) != (h, w):
+        img = img.resize((int(new[1]), int(new[0])), Image.BILINEAR)
+    arr = np.asarray(img)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    if opts.channels == "bgr":
+        arr = arr[:, :, ::-1]
+    top, left = (arr.shape[0] - opts.image_size) // 2, (arr.shape[1] - opts.image_size) // 2
+    arr = arr[top : top + opts.image_size, left : left + opts.image_size]
+    x = arr.transpose(2, 0, 1).astype(np.float32) / 255.0
+    x = (x - np.float32(opts.mean).reshape(-1, 1, 1)) / np.float32(opts.std).reshape(-1, 1, 1)
+    return x[None].astype(np.float32)
+
+
+def manual_scores(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    logits = session(model, extensions=False).run(None, {"input": x})[0][0].astype(np.float64)
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def run_deployed(sess: ort.InferenceSession, data: np.ndarray) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, {"image_bytes": data})))
+
+
+def qdq(model: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": random_input(model, n=1, seed=s)} for s in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(model, src)
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    out = onnx.load(dst)
+    assert any(n.op_type == "QuantizeLinear" for n in out.graph.node)
+    return out
+
+
+def check(model, data, opts, top_k, score_atol, labels=None, strict=True):
+    """Deployed outputs vs the manual path.
+
+    ``strict``: top-k indices equal the reference order exactly. Otherwise (resize / JPEG paths, whose
+    pixels differ slightly from PIL's) the deployed top-k must be the reference top-k up to near-ties:
+    every deployed index's reference score is within ``score_atol`` of the reference's score at that rank.
+    """
+    deployed, resolved = build_deployed_model(model, DeployOptions(**opts, top_k=top_k, labels=labels))
+    got = run_deployed(session(deployed), data)
+    ref = manual_scores(model, manual_input(data, resolved))
+    order = np.argsort(-ref, kind="stable")[:top_k]
+    idx = got["topk_indices"]
+    assert int(got["class_index"]) == int(idx[0])
+    assert len(set(idx.tolist())) == top_k
+    if strict:
+        np.testing.assert_array_equal(idx, order)
+    np.testing.assert_allclose(ref[idx], ref[order], rtol=0, atol=score_atol)
+    np.testing.assert_allclose(got["topk_scores"], ref[idx], rtol=0, atol=score_atol)
+    assert np.all(np.diff(got["topk_scores"]) <= 0)
+    if labels:
+        assert list(got["topk_labels"]) == [labels[i] for i in idx]
+    return got, ref
+
+
+# ---------------------------------------------------------------- equality with the manual path
+@pytest.mark.parametrize("channels, in_ch", [("rgb", 3), ("bgr", 3), ("gray", 1)])
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_image_at_input_size_png_matches_manual_path(channels, in_ch, quantized, seed, tmp_path):
+    model = cnn(seed=seed, in_ch=in_ch, hw=S)
+    if quantized:
+        model = qdq(model, tmp_path)
+    pixels = np.random.default_rng(seed).integers(0, 256, (S, S, 3), dtype=np.uint8)  # noise: no resize happens
+    opts = {"channels": channels, "mean": (0.45, 0.5, 0.55)[:in_ch], "std": (0.2, 0.25, 0.3)[:in_ch]}
+    check(model, encode(pixels, "PNG"), opts, top_k=4, score_atol=1e-6, labels=LABELS)
+
+
+@pytest.mark.parametrize("h, w, resize", [(30, 40, 12), (40, 23, 8), (8, 13, 8), (6, 5, 9)])
+@pytest.mark.parametrize("in_ch", [1, 3])
+def test_resize_and_center_crop_match_pil_on_smooth_images(h, w, resize, in_ch):
+    model = cnn(seed=3, in_ch=in_ch, hw=S)
+    data = encode(smooth(h, w, seed=h * w), "PNG")
+    check(model, data, {"resize": resize}, top_k=3, score_atol=1e-3, strict=False)
+
+
+@pytest.mark.parametrize("h, w, resize", [(S, S, S), (24, 32, 10)])
+@pytest.mark.parametrize("in_ch", [1, 3])
+def test_jpeg_matches_pil_decode_within_tolerance(h, w, resize, in_ch):
+    model = cnn(seed=4, in_ch=in_ch, hw=S)
+    check(model, encode(smooth(h, w, seed=7), "JPEG"), {"resize": resize}, top_k=3, score_atol=1e-2, strict=False)
+
+
+def test_gray_step_is_pil_convert_L_bit_for_bit():
+    """A 1-channel 'network' whose logits are its pixels: softmax order recovers PIL's L values' order exactly."""
+    n = S * S
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["logits"], axis=1)], "probe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, S, S])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n])],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    pixels = np.random.default_rng(5).integers(0, 256, (S, S, 3), dtype=np.uint8)
+    deployed, _ = build_deployed_model(probe, DeployOptions(top_k=n))
+    got = run_deployed(session(deployed), encode(pixels, "PNG"))
+    # scores are softmax(L / 255): log-ratios to the top score give the L differences exactly
+    lum = np.asarray(Image.fromarray(pixels).convert("L")).reshape(-1).astype(np.float64)
+    recovered = np.empty(n)
+    recovered[got["topk_indices"]] = np.log(got["topk_scores"].astype(np.float64) / got["topk_scores"][0]) * 255
+    np.testing.assert_allclose(recovered, lum - lum.max(), atol=0.05)  # float32 softmax noise << 1 grey level
+    assert np.array_equal(np.round(recovered), lum - lum.max())
+
+
+def test_network_ending_in_softmax_is_not_softmaxed_twice():
+    model = cnn(seed=6, in_ch=3, hw=S)
+    model.graph.node[-1].output[0] = "pre_softmax"
+    model.graph.node.append(helper.make_node("Softmax", ["pre_softmax"], ["logits"], axis=1))
+    data = encode(np.random.default_rng(6).integers(0, 256, (S, S, 3), dtype=np.uint8), "PNG")
+    deployed, opts = build_deployed_model(model, DeployOptions(top_k=10))
+    got = run_deployed(session(deployed), data)
+    probs = session(model, extensions=False).run(None, {"input": manual_input(data, opts)})[0][0]
+    np.testing.assert_allclose(got["topk_scores"], np.sort(probs)[::-1], atol=1e-6)
+    assert abs(float(got["topk_scores"].sum()) - 1.0) < 1e-5
+
+
+def test_input_named_like_deployed_io_is_prefixed_not_clashing():
+    model = cnn(seed=7, in_ch=3, hw=S)
+    for node in model.graph.node:
+        node.input[:] = ["image_bytes" if i == "input" else i for i in node.input]
+    model.graph.input[0].name = "image_bytes"
+    deployed, _ = build_deployed_model(model, DeployOptions(top_k=2))
+    got = run_deployed(session(deployed), encode(smooth(S, S), "PNG"))
+    assert got["topk_indices"].shape == (2,)
+
+
+# ---------------------------------------------------------------- bad input
+def _bad_inputs() -> dict[str, bytes]:
+    png = encode(smooth(20, 20), "PNG").tobytes()
+    jpg = encode(smooth(20, 20), "JPEG").tobytes()
+    buf = io.BytesIO()
+    Image.fromarray(smooth(20, 20)).convert("L").save(buf, format="JPEG")
+    return {
+        "empty": b"",
+        "text": b"definitely not an image" * 4,
+        "gif": b"GIF89a" + bytes(100),
+        "truncated_jpeg": jpg[: len(jpg) // 2],
+        "jpeg_header_only": jpg[:3],
+        "truncated_png": png[: len(png) // 2],
+        "corrupt_png": png[:60] + bytes(40) + png[100:],
+        "grayscale_jpeg": buf.getvalue(),
+    }
+
+
+@pytest.fixture(scope="module")
+def rgb_session() -> ort.InferenceSession:
+    deployed, _ = build_deployed_model(cnn(seed=0, in_ch=3, hw=S), DeployOptions(top_k=3))
+    return session(deployed)
+
+
+@pytest.mark.parametrize("kind", sorted(_bad_inputs()))
+def test_corrupt_bytes_raise_from_session_and_session_survives(rgb_session, kind):
+    with pytest.raises(ORT_ERRORS):
+        rgb_session.run(None, {"image_bytes": np.frombuffer(_bad_inputs()[kind], np.uint8)})
+    good = run_deployed(rgb_session, encode(smooth(S, S), "PNG"))
+    assert good["topk_scores"].shape == (3,)
+
+
+def _gemm_model(in_dims: list, name: str = "input") -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", [name], ["f"], axis=1), helper.make_node("ReduceSum", ["f"], ["logits"], keepdims=1)],
+        "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, in_dims)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "dims, message",
+    [
+        (["N", 64], "rank 4"),
+        (["N", 2, S, S], "channels"),
+        (["N", 4, S, S], "channels"),
+        (["N", 3, S, S + 1], "square"),
+        (["N", 3, "H", "W"], "square"),
+        ([4, 3, S, S], "batch"),
+    ],
+)
+def test_non_image_models_are_refused(dims, message):
+    with pytest.raises(ModelError, match=message):
+        build_deployed_model(_gemm_model(dims), DeployOptions())
+
+
+@pytest.mark.parametrize(
+    "opts, error, message",
+    [
+        ({"image_size": 16}, ModelError, "does not match"),
+        ({"channels": "gray"}, ModelError, "3-channel"),
+        ({"mean": (0.1, 0.2)}, ValueError, "1 or 3"),
+        ({"top_k": 11}, ModelError, "exceeds"),
+        ({"labels": ("a", "b")}, DataError, "2 labels"),
+        ({"resize": 4}, ValueError, "at least"),
+        ({"std": (0.0,)}, ValueError, "positive"),
+    ],
+)
+def test_bad_options_are_refused(opts, error, message):
+    with pytest.raises(error, match=message):
+        build_deployed_model(cnn(in_ch=3, hw=S), DeployOptions(**opts))
+
+
+def test_gray_model_refuses_three_means():
+    with pytest.raises(ModelError, match="1-channel"):
+        build_deployed_model(cnn(in_ch=1, hw=S), DeployOptions(mean=(0.1, 0.2, 0.3)))
+
+
+# ---------------------------------------------------------------- files, API, CLI
+def test_deploy_writes_file_atomically_and_never_overwrites_input(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn(in_ch=1, hw=S), src)
+    before = src.read_bytes()
+    with pytest.raises(OutputError):
+        deploy(src, src)
+    assert src.read_bytes() == before
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n\n")
+    result = laqonnx.deploy(src, tmp_path / "e2e.onnx", labels=tmp_path / "labels.txt", top_k=2)
+    assert laqonnx.deploy is deploy
+    assert result.options.channels == "gray" and result.options.image_size == S and result.num_classes == 10
+    assert set(result.output_names) == {"class_index", "topk_scores", "topk_indices", "topk_labels"}
+    got = run_deployed(session(result.path), encode(smooth(S, S), "PNG"))
+    assert got["topk_labels"][0] == LABELS[int(got["class_index"])]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_read_labels_refuses_gaps(tmp_path):
+    (tmp_path / "l.txt").write_text("a\n\nb\n")
+    with pytest.raises(DataError, match="empty line 2"):
+        read_labels(tmp_path / "l.txt")
+    with pytest.raises(DataError, match="cannot read"):
+        read_labels(tmp_path / "missing.txt")
+
+
+def test_cli_deploy_writes_working_file(tmp_path, capsys):
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(cnn(seed=2, in_ch=3, hw=S), src)
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    code = main(["deploy", str(src), "-o", str(out), "--image-size", str(S), "--resize", "10",
+                 "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--channels", "rgb",
+                 "--labels", str(tmp_path / "labels.txt"), "--top-k", "3"])
+    assert code == 0 and out.is_file()
+    assert "image_bytes" in capsys.readouterr().out
+    data = encode(smooth(12, 16), "PNG")
+    got = run_deployed(session(out), data)
+    opts = DeployOptions(image_size=S, resize=10, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), channels="rgb")
+    ref = manual_scores(cnn(seed=2, in_ch=3, hw=S), manual_input(data, opts))
+    assert int(got["class_index"]) == int(np.argmax(ref))
+    assert list(got["topk_labels"]) == [LABELS[i] for i in got["topk_indices"]]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mean", "a,b,c"], "--mean"),
+        (["--std", "0.1,0.2"], "std needs 1 or 3"),
+        (["--channels", "cmyk"], "--channels"),
+        (["--top-k", "0"], "--top-k"),
+        (["--image-size", "16"], "does not match"),
+        (["--resize", "4"], "at least"),
+        (["--labels", "missing.txt"], "cannot read labels"),
+    ],
+)
+def test_cli_bad_arguments_give_one_line_errors(tmp_path, capsys, extra, message):
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn(in_ch=3, hw=S), src)
+    try:
+        code = main(["deploy", str(src), "-o", str(tmp_path / "o.onnx"), *extra])
+    except SystemExit as exc:  # argparse refusals
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["deploy", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
