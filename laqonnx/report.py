@@ -119,6 +119,12 @@ def _norm(v: Any) -> str:
     return {"l2": "L2", "2": "L2", "2.0": "L2", "l1": "L1", "1": "L1"}.get(text, format_value(v))
 
 
+def _ms(v: Any) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return format_value(v)
+    return f"{v:.3g}" if v < 10 else f"{v:.1f}"
+
+
 def _masking(v: Any) -> tuple[bool | None, list[str]]:
     """(flagged, reasons) from a bool, a string, a list of reasons, or a dict."""
     if v is None or isinstance(v, bool):
@@ -150,8 +156,16 @@ def _row(label: str, m: Mapping[str, Any], attacks: Sequence[str]) -> dict[str, 
     notes = [str(n) for n in (m.get("notes") or [])] if not isinstance(m.get("notes"), str) else [m["notes"]]
     agreement = m.get("mirror_agreement")
     flag, reasons = _masking(m.get("gradient_masking"))
+    detail = m.get("gradient_masking_detail")
+    if flag and not reasons and isinstance(detail, Mapping) and detail.get("reason"):
+        reasons = [str(detail["reason"])]
     if flag:
         notes.append("gradient masking suspected" + (f" ({'; '.join(reasons)})" if reasons else ""))
+    if m.get("mirror_error"):
+        notes.append(f"no white-box mirror: {m['mirror_error']}")
+    skipped = m.get("skipped_attacks")
+    if isinstance(skipped, Mapping):
+        notes += [f"{a} skipped: {why}" for a, why in skipped.items()]
     if not robust:
         notes.append("no robust accuracy measured")
     row: dict[str, Any] = {
@@ -193,7 +207,7 @@ def _save(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _plot_eps(curves: Mapping[str, list[tuple[float, float]]], path: Path) -> None:
+def _plot_eps(curves: Mapping[str, list[tuple[float, float]]], eps: Any, path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, PercentFormatter
 
@@ -206,9 +220,11 @@ def _plot_eps(curves: Mapping[str, list[tuple[float, float]]], path: Path) -> No
     if all(abs(e * 255 - round(e * 255)) < 1e-6 for e in all_eps):
         ax.set_xticks(all_eps)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{round(x * 255)}/255" if x else "0"))
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
+        ax.axvline(eps, color="0.5", ls=":", lw=1, label=f"evaluated ε = {_eps(eps).split(' (= ')[-1].rstrip(')')}")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylim(0, 1.02)
-    ax.set(xlabel="ε (input units; ε = 0 is clean accuracy)", ylabel="robust accuracy (worst case)",
+    ax.set(xlabel="ε (input units; ε = 0 is clean accuracy)", ylabel="robust accuracy",
            title="Robust accuracy vs attack budget ε")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -342,9 +358,17 @@ def write_report(
     if warning:
         lines.append(f"- ⚠ {warning}")
     known = {"eps", "norm", "models", "cpu"}
-    lines += [f"- {k}: {format_value(v)}" for k, v in evaluation.items()
-              if k not in known and (v is None or isinstance(v, (str, int, float, bool)))]
-    columns: list[Column] = [("model", "Model"), ("size", "Size", _bytes), ("p50", "p50 (ms)", lambda v: f"{v:.2f}"),
+    counts = sorted({m["n_examples"] for m in models if isinstance(m.get("n_examples"), int)})
+    if counts:
+        lines.append(f"- examples evaluated: {', '.join(map(str, counts))}")
+    for k, v in evaluation.items():
+        if k in known or v is None:
+            continue
+        if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v):
+            lines.append(f"- {k}: {', '.join(map(format_value, v)) or MISSING}")
+        elif isinstance(v, (str, int, float, bool)):
+            lines.append(f"- {k}: {format_value(v)}")
+    columns: list[Column] = [("model", "Model"), ("size", "Size", _bytes), ("p50", "p50 (ms)", _ms),
                              ("clean", "Clean acc", _pct)]
     columns += [(f"attack:{a}", a, _pct) for a in attacks]
     columns += [("worst", "Worst case", _pct), ("mirror", "Mirror agreement", _mirror), ("masking", "Masking", lambda v: "yes ⚠" if v else "no"),
@@ -355,8 +379,8 @@ def write_report(
               f"predicts the same class as onnxruntime (below {MIRROR_RELIABLE:.0%} its attacks are unreliable).", ""]
     lat_rows = [{"model": label, **(m.get("latency_ms") or {})} for label, m in zip(labels, models) if m.get("latency_ms")]
     if lat_rows:
-        lines += ["## Latency (ms)", "", markdown_table(lat_rows, [("model", "Model"), ("p50", "p50", lambda v: f"{v:.2f}"),
-                  ("p90", "p90", lambda v: f"{v:.2f}"), ("p99", "p99", lambda v: f"{v:.2f}")]), ""]
+        lines += ["## Latency (ms)", "", markdown_table(lat_rows, [("model", "Model"), ("p50", "p50", _ms),
+                  ("p90", "p90", _ms), ("p99", "p99", _ms), ("batch_size", "batch"), ("threads", "threads")]), ""]
 
     figures: list[tuple[str, str]] = []
     curves = {}
@@ -368,7 +392,7 @@ def write_report(
         if pts:
             curves[label] = pts
     if curves:
-        _plot_eps(curves, out / "robust_vs_eps.png")
+        _plot_eps(curves, evaluation.get("eps"), out / "robust_vs_eps.png")
         figures.append(("Robust accuracy vs ε", "robust_vs_eps.png"))
     points = [{"label": r["model"], "clean": r["clean"], "worst": r["worst"],
                **{k: r[k] if isinstance(r[k], (int, float)) and not isinstance(r[k], bool) else None for k in ("p50", "size")}}

@@ -144,6 +144,21 @@ def test_missing_optional_fields(tmp_path, drop):
     assert not (tmp_path / "lipschitz.png").exists()
 
 
+def test_evaluate_json_extras_become_notes_and_setup(tmp_path):
+    ev = copy.deepcopy(EVALUATION)
+    ev.update({"preset": "quick", "attacks": ["pgd", "square"], "reference": None, "seed": 0})
+    m = ev["models"][1]
+    m.update({"n_examples": 50, "gradient_masking_detail": {"reason": "square beats pgd by 8 points"},
+              "skipped_attacks": {"transfer": "no reference model"}, "mirror_error": None})
+    ev["models"][2].update({"mirror_agreement": None, "mirror_error": "no converter for Erf"})
+    md = write_report(ev, tmp_path).read_text()
+    assert "- preset: quick" in md and "- attacks: pgd, square" in md and "- seed: 0" in md
+    assert "- reference" not in md and "- examples evaluated: 50" in md
+    assert "gradient masking suspected (square beats pgd by 8 points); transfer skipped: no reference model" in md
+    laq = next(line for line in md.splitlines() if line.startswith("| laq |"))
+    assert "| — | no | no white-box mirror: no converter for Erf |" in laq
+
+
 def test_minimal_and_bad_evaluations(tmp_path):
     md = write_report({"models": [{"path": "m.onnx"}, {"path": "m.onnx"}]}, tmp_path / "a").read_text()
     assert "| m.onnx |" in md and "| m.onnx (2) |" in md and "## Figures" not in md
