@@ -306,6 +306,7 @@ def _plot_tradeoff(points: Sequence[dict[str, Any]], path: Path) -> bool:
                     ax.scatter([x], [p[acc]], marker=marker, s=50, color=colors[p["label"]], zorder=2)
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_ylim(0, 1.05)
+        ax.set_xlim(left=0)  # sizes and latencies compare as ratios: keep the origin
         ax.set(xlabel=xlabel, ylabel="accuracy", title=f"Accuracy vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=c, marker="s", ls="", label=lab) for lab, c in colors.items()]
