@@ -238,6 +238,13 @@ def build_deployed_model(model: onnx.ModelProto, options: DeployOptions) -> tupl
     )
     processor.add_pre_processing(pre)
     processor.add_post_processing(post)
+    # The toolkit's checker context (and the opset imports of the model it writes) know only the ONNX
+    # and extensions domains; a network with contrib ops (com.microsoft QDQ, fused kernels) needs its own.
+    context = getattr(processor, "_custom_op_checker_context", None)
+    if context is not None:
+        imports = dict(context.opset_imports)
+        imports.update({o.domain: o.version for o in net.opset_import if o.domain not in ("", "ai.onnx", *imports)})
+        context.opset_imports = imports
     try:
         deployed = processor.run(net)
     except (ValueError, onnx.checker.ValidationError, RuntimeError) as exc:

@@ -93,7 +93,7 @@ def run_deployed(sess: ort.InferenceSession, data: np.ndarray) -> dict[str, np.n
     return dict(zip(names, sess.run(None, {"image_bytes": data})))
 
 
-def qdq(model: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto:
+def qdq(model: onnx.ModelProto, tmp_path: Path, contrib: bool = False) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -106,7 +106,8 @@ def qdq(model: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto:
     src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
     onnx.save(model, src)
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    extra_options={"UseQDQContribOps": contrib})
     out = onnx.load(dst)
     assert any(n.op_type == "QuantizeLinear" for n in out.graph.node)
     return out
@@ -138,12 +139,12 @@ def check(model, data, opts, top_k, score_atol, labels=None, strict=True):
 
 # ---------------------------------------------------------------- equality with the manual path
 @pytest.mark.parametrize("channels, in_ch", [("rgb", 3), ("bgr", 3), ("gray", 1)])
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("network", ["float", "qdq", "qdq_contrib_ops"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_image_at_input_size_png_matches_manual_path(channels, in_ch, quantized, seed, tmp_path):
+def test_image_at_input_size_png_matches_manual_path(channels, in_ch, network, seed, tmp_path):
     model = cnn(seed=seed, in_ch=in_ch, hw=S)
-    if quantized:
-        model = qdq(model, tmp_path)
+    if network != "float":
+        model = qdq(model, tmp_path, contrib=network == "qdq_contrib_ops")
     pixels = np.random.default_rng(seed).integers(0, 256, (S, S, 3), dtype=np.uint8)  # noise: no resize happens
     opts = {"channels": channels, "mean": (0.45, 0.5, 0.55)[:in_ch], "std": (0.2, 0.25, 0.3)[:in_ch]}
     check(model, encode(pixels, "PNG"), opts, top_k=4, score_atol=1e-6, labels=LABELS)
@@ -162,6 +163,19 @@ def test_resize_and_center_crop_match_pil_on_smooth_images(h, w, resize, in_ch):
 def test_jpeg_matches_pil_decode_within_tolerance(h, w, resize, in_ch):
     model = cnn(seed=4, in_ch=in_ch, hw=S)
     check(model, encode(smooth(h, w, seed=7), "JPEG"), {"resize": resize}, top_k=3, score_atol=1e-2, strict=False)
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_models_at_other_opsets_deploy(opset):
+    model = cnn(seed=8, in_ch=3, hw=S)
+    if opset < 17:  # Conv, Relu, Flatten, Gemm are unchanged since opset 13 (no down-converter exists)
+        model.opset_import[0].version = opset
+    else:
+        model = onnx.version_converter.convert_version(model, opset)
+    deployed, _ = build_deployed_model(model, DeployOptions())
+    assert max(o.version for o in deployed.opset_import if o.domain == "") == max(opset, 18)
+    pixels = np.random.default_rng(8).integers(0, 256, (S, S, 3), dtype=np.uint8)
+    check(model, encode(pixels, "PNG"), {}, top_k=5, score_atol=1e-6)
 
 
 def test_gray_step_is_pil_convert_L_bit_for_bit():
