@@ -113,10 +113,14 @@ def _load_data(data: Any, shape: tuple[int | None, ...], limit: int | None) -> t
     elif isinstance(data, (str, os.PathLike)):
         from ..data import open_data
 
-        source = open_data(os.fspath(data), input_shape=shape, split="test", limit=limit)
+        full = (None, *shape)  # open_data drops a batch axis only from 2-d / 4-d shapes
+        source = open_data(os.fspath(data), input_shape=full if len(full) in (2, 4) else None, split="test",
+                           limit=limit)
         pairs = list(source.batches(256))
         if not pairs:
             raise DataError(f"data {os.fspath(data)!r} has no examples")
+        if any(p[1] is None for p in pairs):
+            raise DataError(f"data {os.fspath(data)!r} has no labels: robust accuracy needs labelled data")
         x, y = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
     else:
         raise DataError("data must be a data spec string or an (x, y) tuple of arrays")
