@@ -1,0 +1,350 @@
+"""Streaming calibration statistics: bounded memory whatever the number of samples.
+
+Every tensor that will get a QDQ pair is summarised by a :class:`TensorStats`: running min/max,
+number of examples, elements per example, sum of squares, count of exact zeros, and a histogram of
+``bins`` bins on a *dyadic grid*: bin width ``2^e``, edges at integer multiples of it. A histogram
+grows by doubling its bin width (merging pairs of bins, exact because the grids are nested) and
+sliding its window; ``e`` is the smallest exponent whose window of ``bins`` bins covers the data
+range, so the result depends only on the multiset of values seen. Streaming batch by batch,
+merging partial results in any order, or seeing everything at once give identical histograms.
+
+:func:`activation_range` turns statistics into a clip range (min-max, percentile, KL entropy as
+TensorRT/onnxruntime, or the MSE-optimal clip) and :func:`activation_error` estimates the
+per-example L2 quantization error of an activation from its histogram.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .errors import DataError, ModelError
+from .quantizers import ActivationQuant, activation_qparams
+
+__all__ = [
+    "TensorStats",
+    "StatsCollector",
+    "collect",
+    "activation_range",
+    "activation_error",
+    "activation_norm",
+    "DEFAULT_BINS",
+]
+
+DEFAULT_BINS = 2048
+_E_MIN = -200  # bin-width exponent for all-zero tensors
+_REL_RES = 40  # bins never finer than 2^-40 of the largest magnitude: indices stay exact in float64
+
+
+def _exponent(lo: float, hi: float, bins: int) -> int:
+    """Smallest dyadic exponent (not below the magnitude floor) whose ``bins``-bin window covers [lo, hi]."""
+    amax = max(abs(lo), abs(hi))
+    e_floor = _E_MIN if amax == 0 else math.frexp(amax)[1] - 1 - _REL_RES
+    span = hi - lo
+    e = e_floor if span <= 0 else max(e_floor, math.floor(math.log2(span / bins)) - 1)
+    while math.floor(math.ldexp(hi, -e)) - math.floor(math.ldexp(lo, -e)) + 1 > bins:
+        e += 1
+    return e
+
+
+@dataclass(frozen=True, eq=False)
+class TensorStats:
+    """Mergeable summary of one tensor over the calibration examples."""
+
+    name: str
+    min: float
+    max: float
+    counts: np.ndarray  # int64 (bins,)
+    edges: np.ndarray  # float64 (bins + 1,), dyadic
+    n_examples: int
+    numel: int  # elements per example
+    sum_sq: float
+    zeros: int = 0  # exact zeros (representable exactly: no rounding error)
+
+    @property
+    def bins(self) -> int:
+        return int(self.counts.size)
+
+    @property
+    def width(self) -> float:
+        return float(self.edges[1] - self.edges[0])
+
+    @property
+    def _exp(self) -> int:
+        return math.frexp(self.width)[1] - 1
+
+    @property
+    def _start(self) -> int:
+        return int(round(self.edges[0] / self.width))
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    @classmethod
+    def from_array(cls, name: str, array: np.ndarray, bins: int = DEFAULT_BINS) -> TensorStats:
+        """Statistics of one batch (first axis = examples)."""
+        a = np.asarray(array)
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ModelError(f"tensor {name!r} has dtype {a.dtype}: only float activations are calibrated")
+        n_examples = int(a.shape[0]) if a.ndim else 1
+        flat = a.reshape(-1).astype(np.float64)
+        if flat.size == 0 or n_examples == 0:
+            raise DataError(f"tensor {name!r}: empty batch")
+        bad = int(np.count_nonzero(~np.isfinite(flat)))
+        if bad:
+            raise DataError(f"tensor {name!r} has {bad} NaN or infinite values on the calibration data")
+        lo, hi = float(flat.min()), float(flat.max())
+        e = _exponent(lo, hi, bins)
+        start = math.floor(math.ldexp(lo, -e))
+        idx = np.floor(np.ldexp(flat, -e)).astype(np.int64) - start
+        counts = np.bincount(idx, minlength=bins).astype(np.int64)
+        return cls(
+            name=name,
+            min=lo,
+            max=hi,
+            counts=counts,
+            edges=np.ldexp(np.arange(start, start + bins + 1, dtype=np.float64), e),
+            n_examples=n_examples,
+            numel=flat.size // n_examples,
+            sum_sq=float(np.dot(flat, flat)),
+            zeros=int(flat.size - np.count_nonzero(flat)),
+        )
+
+    def _rebinned(self, e: int, start: int) -> np.ndarray:
+        """Counts on the coarser grid (exponent ``e`` >= own, window starting at ``start``)."""
+        nz = np.flatnonzero(self.counts)
+        k = (nz.astype(np.int64) + self._start) >> (e - self._exp)
+        return np.bincount(k - start, weights=self.counts[nz], minlength=self.bins).astype(np.int64)
+
+    def merge(self, other: TensorStats) -> TensorStats:
+        """Statistics of the union of both example sets (exact, associative and commutative)."""
+        if other.name != self.name or other.bins != self.bins:
+            raise ValueError(f"cannot merge stats of {self.name!r} ({self.bins} bins) and {other.name!r} ({other.bins} bins)")
+        if other.numel != self.numel:
+            raise DataError(f"tensor {self.name!r} changed size per example: {self.numel} vs {other.numel}")
+        lo, hi = min(self.min, other.min), max(self.max, other.max)
+        e = max(_exponent(lo, hi, self.bins), self._exp, other._exp)
+        start = math.floor(math.ldexp(lo, -e))
+        return TensorStats(
+            name=self.name,
+            min=lo,
+            max=hi,
+            counts=self._rebinned(e, start) + other._rebinned(e, start),
+            edges=np.ldexp(np.arange(start, start + self.bins + 1, dtype=np.float64), e),
+            n_examples=self.n_examples + other.n_examples,
+            numel=self.numel,
+            sum_sq=self.sum_sq + other.sum_sq,
+            zeros=self.zeros + other.zeros,
+        )
+
+
+class StatsCollector:
+    """Accumulates :class:`TensorStats` per tensor name, one batch at a time."""
+
+    def __init__(self, bins: int = DEFAULT_BINS):
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 16:
+            raise ValueError(f"bins must be an integer >= 16, got {bins!r}")
+        self.bins = bins
+        self._stats: dict[str, TensorStats] = {}
+
+    def update(self, name: str, array: np.ndarray) -> None:
+        new = TensorStats.from_array(name, array, self.bins)
+        old = self._stats.get(name)
+        self._stats[name] = new if old is None else old.merge(new)
+
+    def result(self) -> dict[str, TensorStats]:
+        return dict(self._stats)
+
+
+def collect(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    batches: Iterable[np.ndarray],
+    *,
+    bins: int = DEFAULT_BINS,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[str, TensorStats]:
+    """Run ``model`` in onnxruntime on each batch and summarise the requested tensors.
+
+    The tensors are added as graph outputs on a copy of the model; ``batches`` yields input arrays
+    (or ``(x, y)`` tuples, as :meth:`laqonnx.data.DataSource.batches` does); ``total`` is the
+    number of examples, for the progress bar. Only one batch of activations is alive at a time.
+    """
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    feeds = [i.name for i in graph.input if i.name not in inits]
+    if len(feeds) != 1:
+        raise ModelError(f"calibration needs a model with one input, found {feeds}")
+    produced = {o for n in graph.node for o in n.output} | set(feeds)
+    unknown = [t for t in tensors if t not in produced]
+    if unknown:
+        raise ModelError(f"tensors not produced by the model: {', '.join(map(str, unknown))}")
+    wanted = list(dict.fromkeys(t for t in tensors if t != feeds[0]))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    existing = {o.name for o in copy.graph.output}
+    for name in wanted:
+        if name not in existing:
+            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"onnxruntime cannot load the model for calibration: {exc}") from exc
+    del copy
+    collector = StatsCollector(bins)
+    bar = tqdm(total=total, desc="calibrating", unit="ex", disable=not progress, file=sys.stderr, leave=False)
+    try:
+        for batch in batches:
+            x = np.ascontiguousarray(batch[0] if isinstance(batch, tuple) else batch, dtype=np.float32)
+            if feeds[0] in tensors:
+                collector.update(feeds[0], x)
+            if wanted:
+                for name, value in zip(wanted, session.run(wanted, {feeds[0]: x})):
+                    collector.update(name, value)
+            bar.update(len(x))
+    finally:
+        bar.close()
+    result = collector.result()
+    if not result and tensors:
+        raise DataError("no calibration batches: the data source is empty")
+    return {t: result[t] for t in dict.fromkeys(tensors)}
+
+
+# ----------------------------------------------------------------------------- ranges and errors
+
+
+def _quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """Value at quantile ``q`` (numpy's linear position (N-1)q), interpolated inside its bin."""
+    n = counts.sum()
+    pos = (n - 1) * q
+    cum = np.cumsum(counts)
+    b = int(np.searchsorted(cum, pos, side="right"))
+    b = min(b, len(counts) - 1)
+    before = cum[b] - counts[b]
+    frac = (pos - before + 0.5) / counts[b] if counts[b] else 0.5
+    return float(edges[b] + min(max(frac, 0.0), 1.0) * (edges[b + 1] - edges[b]))
+
+
+def _folded(stats: TensorStats) -> np.ndarray:
+    """Histogram of |x| on the same dyadic grid, bins [k w, (k+1) w), k = 0..."""
+    k = np.arange(stats.bins, dtype=np.int64) + stats._start
+    fold = np.where(k >= 0, k, -k - 1)
+    return np.bincount(fold, weights=stats.counts, minlength=int(fold.max()) + 1).astype(np.int64)
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """onnxruntime's ``smooth_distribution``: move eps mass onto empty bins."""
+    is_zero = p == 0
+    n_zero = int(is_zero.sum())
+    n_nonzero = p.size - n_zero
+    if n_nonzero == 0:
+        return None
+    eps1 = eps * n_zero / n_nonzero
+    return p.astype(np.float64) + eps * is_zero - eps1 * (~is_zero)
+
+
+def _kl_threshold(hist: np.ndarray, nq: int) -> int:
+    """TensorRT/onnxruntime entropy calibration on a one-sided histogram: best number of bins to keep."""
+    hist = np.trim_zeros(hist, "b")
+    if hist.size <= nq:
+        return hist.size
+    best_i, best_kl = hist.size, np.inf
+    suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0]])
+    for i in range(nq, hist.size + 1):
+        sliced = hist[:i]
+        p = sliced.astype(np.float64)
+        p[-1] += suffix[i]
+        merged = i // nq
+        groups = np.minimum(np.arange(i) // merged, nq - 1)
+        q_tot = np.bincount(groups, weights=sliced, minlength=nq)
+        nonzero = np.bincount(groups, weights=(p != 0), minlength=nq)
+        q = np.where(p != 0, q_tot[groups] / np.maximum(nonzero[groups], 1), 0.0)
+        ps, qs = _smooth(p), _smooth(q)
+        if ps is None or qs is None or np.any(qs <= 0):
+            continue
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        kl = float(np.sum(ps * np.log(ps / qs)))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+def _levels(spec: ActivationQuant) -> int:
+    return 2**spec.bits - 1 if not spec.symmetric else 2 ** (spec.bits - 1) - 1
+
+
+def activation_range(stats: TensorStats, spec: ActivationQuant) -> tuple[float, float]:
+    """Clip range [rmin, rmax] of an activation (before onnxruntime extends it to include 0).
+
+    * ``minmax``: the observed extremes (exact).
+    * ``percentile``: as onnxruntime, symmetric: |x| at ``percentile``; asymmetric: cut
+      ``(100 - percentile) / 2`` % on each side; interpolated inside the histogram bin.
+    * ``entropy``: TensorRT's KL-divergence threshold on the |x| histogram, with as many
+      quantized bins as the side of the range gets levels (``2^b - 1`` for a one-sided
+      asymmetric range, ``2^(b-1) - 1`` otherwise).
+    * ``mse``: the clip ``(r * min, r * max)`` over a grid of ratios ``r`` minimising the expected
+      squared quantization error estimated from the histogram (:func:`activation_error`).
+    """
+    lo, hi = stats.min, stats.max
+    if spec.method == "minmax" or lo == hi:
+        return lo, hi
+    if spec.method == "percentile":
+        if spec.symmetric:
+            fold = _folded(stats)
+            t = _quantile(fold, stats.width * np.arange(fold.size + 1, dtype=np.float64), spec.percentile / 100.0)
+            return max(lo, -t), min(hi, t)
+        cut = (100.0 - spec.percentile) / 200.0
+        return max(lo, _quantile(stats.counts, stats.edges, cut)), min(hi, _quantile(stats.counts, stats.edges, 1.0 - cut))
+    if spec.method == "entropy":
+        one_sided = lo >= 0 or hi <= 0
+        nq = _levels(spec) if one_sided and not spec.symmetric else 2 ** (spec.bits - 1) - 1
+        fold = _folded(stats)
+        fold[0] -= stats.zeros  # exact zeros are represented exactly: they must not pull the threshold
+        t = _kl_threshold(fold, nq) * stats.width
+        return max(lo, -t), min(hi, t)
+    r = 1.0
+    ratios = np.linspace(0.01, 1.0, 100)
+    for _ in range(2):  # coarse grid, then a fine grid between the neighbours of the best ratio
+        errors = [_sq_error(stats, float(c * lo), float(c * hi), spec) for c in ratios]
+        k = int(np.argmin(errors))
+        r = float(ratios[k])
+        ratios = np.linspace(ratios[max(k - 1, 0)], ratios[min(k + 1, len(ratios) - 1)], 41)
+    return (lo if r == 1.0 else r * lo), (hi if r == 1.0 else r * hi)
+
+
+def _sq_error(stats: TensorStats, rmin: float, rmax: float, spec: ActivationQuant) -> float:
+    """Expected total squared error over all examples: s^2/12 inside the range, distance^2 outside."""
+    qp = activation_qparams(rmin, rmax, spec)
+    s = float(qp.scale)
+    zp = int(qp.zero_point)
+    a, b = (qp.qmin - zp) * s, (qp.qmax - zp) * s
+    u, v = stats.edges[:-1], stats.edges[1:]
+    m = stats.counts.astype(np.float64)
+    m = m - np.where((u <= 0) & (v > 0), stats.zeros, 0)  # exact zeros have no error
+    dens = m / (v - u)
+    inside = np.clip(np.minimum(v, b) - np.maximum(u, a), 0.0, None)
+    above = np.where(v > b, ((v - b) ** 3 - (np.maximum(u, b) - b) ** 3) / 3.0, 0.0)
+    below = np.where(u < a, ((a - u) ** 3 - (a - np.minimum(v, a)) ** 3) / 3.0, 0.0)
+    return float(np.sum(dens * (inside * s * s / 12.0 + above + below)))
+
+
+def activation_error(stats: TensorStats, rmin: float, rmax: float, spec: ActivationQuant) -> float:
+    """Expected per-example L2 norm of ``a - Q(a)`` (RMS over examples) for the range [rmin, rmax]."""
+    return math.sqrt(max(_sq_error(stats, rmin, rmax, spec), 0.0) / stats.n_examples)
+
+
+def activation_norm(stats: TensorStats) -> float:
+    """Per-example RMS L2 norm of the activation: ``sqrt(sum_sq / n_examples)``."""
+    return math.sqrt(stats.sum_sq / stats.n_examples)
