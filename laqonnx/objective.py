@@ -1,0 +1,273 @@
+"""Objective: the per-layer adversarial-aware metric of every candidate setting (DESIGN.md §1).
+
+For layer ``l`` and candidate ``s`` = (weight setting, input-activation setting)::
+
+    M_l(s) = eps2 * D_l * (Lhat_l(s) - L_l)  +  G_l * q_l(s)
+    q_l(s) = ||T_l[W_l - Q_s(W_l)]||_2 * ||a_{l-1}||  +  Lhat_l(s) * e_l(s)
+
+``L_l`` the layer's operator norm, ``Lhat_l(s)`` with quantized weights, ``G_l`` the bound from the
+layer's output to the network output, ``D_l = G_l * U_l`` (``U_l`` the bound from the network input
+to the layer's input) the derivative of the whole-network bound ``Lambda`` with respect to ``L_l``.
+On a chain ``D_l = Lambda / L_l``, so the first term is DESIGN.md's ``eps * Lambda * (Lhat/L - 1)``;
+on residual graphs ``D_l`` is the correct first-order coefficient (Lambda is multilinear in the
+layer norms there). ``||a_{l-1}||`` is the per-example RMS L2 norm of the layer input and ``e_l(s)``
+the expected per-example L2 norm of its quantization error under the candidate's range, both from
+the calibration histograms (clean, or clean and adversarial merged into one histogram).
+
+Threat model: norms are L2 operator norms, so an L-inf radius is converted to the L2 ball that
+contains the L-inf ball: ``eps2 = eps * sqrt(input size)``; ``--norm 2`` uses eps as is.
+
+Objectives: ``laq`` (both terms), ``mse`` (quantization term only), ``lipschitz`` (adversarial term
+only); ties are broken by the other term. If the network bound is unknown (an op without a bound
+rule) the missing ``G_l`` are taken as 1 and ``D_l`` as ``prod(L) / L_l``, with a warning.
+
+Cost: ``ObjectiveConfig.norm_max_spatial`` caps the spatial size at which conv operator norms are
+computed (all of them, float and quantized, so ratios and differences are consistent); the
+zero-padded conv norm grows slowly with the size towards its periodic limit, so a cap slightly
+underestimates ``L_l``. Quantized-weight norms are warm-started from the float top singular vector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .graph import Layer, PreparedModel
+from .plan import Candidate, Score
+from .quantizers import ActivationQuant, PerChannel, PerTensor, WeightQuant, quantize_weight
+
+__all__ = ["OBJECTIVES", "ObjectiveConfig", "CandidateSpace", "LayerTerms", "Scored", "score_layers", "eps_l2"]
+
+OBJECTIVES = ("laq", "mse", "lipschitz")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    objective: str = "laq"
+    eps: float = 8 / 255
+    norm: str = "inf"
+    norm_max_spatial: int | None = 32
+    tol: float = 1e-3
+    max_iter: int = 300
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.norm not in ("inf", "2"):
+            raise ValueError(f"norm must be 'inf' or '2', got {self.norm!r}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        if self.norm_max_spatial is not None and (not isinstance(self.norm_max_spatial, int) or self.norm_max_spatial < 1):
+            raise ValueError(f"norm_max_spatial must be None or an int >= 1, got {self.norm_max_spatial!r}")
+        if self.tol <= 0 or self.max_iter < 1:
+            raise ValueError("tol must be > 0 and max_iter >= 1")
+
+
+@dataclass(frozen=True)
+class CandidateSpace:
+    """The candidate settings (data, not code). Per-channel granularity is bound to each layer's
+    output-channel axis. Without a budget only ``weight_bits`` 8 is scored (int4 and float enter
+    with a budget); 16-bit activations are off by default (not fused into int8 kernels on CPU)."""
+
+    weight_bits: tuple[int, ...] = (8, 4)
+    granularities: tuple[PerTensor | PerChannel, ...] = (PerTensor(), PerChannel())
+    weight_methods: tuple[str, ...] = ("maxabs", "mse", "percentile")
+    weight_percentile: float = 99.99
+    activation_bits: tuple[int, ...] = (8,)
+    activation_methods: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+    activation_percentile: float = 99.99
+    allow_float: bool = False
+    default_activation: ActivationQuant = field(default_factory=ActivationQuant)
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "granularities", "weight_methods", "activation_bits", "activation_methods"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not value:
+                raise ValueError(f"CandidateSpace.{name} must be a non-empty tuple, got {value!r}")
+        # validate every combination once
+        self.weight_settings(0)
+        self.activation_settings()
+        if self.default_activation.bits != 8:
+            raise ValueError("default_activation must be 8-bit")
+
+    def weight_settings(self, axis: int, bits: Sequence[int] | None = None) -> tuple[WeightQuant | None, ...]:
+        """Weight settings for a layer whose output channels lie on ``axis`` (None = float)."""
+        out: list[WeightQuant | None] = []
+        for b in self.weight_bits if bits is None else [b for b in self.weight_bits if b in bits]:
+            for g in self.granularities:
+                gran = PerChannel(axis) if isinstance(g, PerChannel) else PerTensor()
+                for m in self.weight_methods:
+                    out.append(WeightQuant(b, gran, m, self.weight_percentile))
+        if self.allow_float and (bits is None or 32 in bits):
+            out.append(None)
+        return tuple(out)
+
+    def activation_settings(self) -> tuple[ActivationQuant, ...]:
+        return tuple(
+            ActivationQuant(b, m, self.activation_percentile, self.default_activation.symmetric)
+            for b in self.activation_bits
+            for m in self.activation_methods
+        )
+
+
+def eps_l2(config: ObjectiveConfig, input_shape: Sequence[int]) -> float:
+    """The L2 radius the Lipschitz bounds use: eps for L2, eps * sqrt(input size) for L-inf."""
+    if config.norm == "2":
+        return float(config.eps)
+    return float(config.eps) * math.sqrt(float(np.prod(input_shape[1:])))
+
+
+@dataclass(frozen=True)
+class LayerTerms:
+    """Network-level quantities of one layer and the scores of its candidates."""
+
+    layer: Layer
+    operator_norm: float
+    gain: float
+    derivative: float  # dLambda / dL_l
+    input_norm: float
+    scores: tuple[Score, ...]
+
+
+@dataclass(frozen=True)
+class Scored:
+    network_bound: float | None
+    eps_l2: float
+    layers: tuple[LayerTerms, ...]
+    warnings: tuple[str, ...]
+    norm_method: str
+
+
+def _capped(layer: Layer, cap: int | None) -> Layer:
+    shape = layer.input_shape
+    if cap is None or shape is None or layer.op_type not in ("Conv", "ConvTranspose") or len(shape) < 3:
+        return layer
+    spatial = tuple(min(int(s), cap) for s in shape[2:])
+    if spatial == tuple(shape[2:]):
+        return layer
+    return dataclasses.replace(layer, input_shape=(1, shape[1], *spatial), output_shape=None)
+
+
+def _metric(objective: str, adversarial: float, quantization: float) -> float:
+    if objective == "laq":
+        return adversarial + quantization
+    if objective == "mse":
+        return quantization
+    return adversarial
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Small dense eigen-problems run far faster on one thread (and 2 threads on a loaded machine
+    were measured 100x slower: oversubscription), so scoring pins torch to ``n`` threads."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def score_layers(
+    pm: PreparedModel,
+    stats: Mapping[str, object],
+    config: ObjectiveConfig,
+    space: CandidateSpace,
+    *,
+    weight_bits: Sequence[int] | None = None,
+    progress: bool = True,
+) -> Scored:
+    """Score every candidate of every layer. ``stats``: calibration stats per tensor
+    (:func:`laqonnx.calibrate.collect`), covering every layer input. ``weight_bits`` restricts the
+    weight candidates (e.g. ``(8,)`` without a budget; 32 means float when allowed)."""
+    with _torch_threads(1):
+        return _score_layers(pm, stats, config, space, weight_bits, progress)
+
+
+def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
+    from tqdm.auto import tqdm
+
+    from .calibrate import activation_error, activation_norm, activation_range
+    from .lipschitz import network_bounds, operator_norm
+
+    opts = dict(tol=config.tol, max_iter=config.max_iter, seed=config.seed)
+    acts = space.activation_settings()
+    warnings: list[str] = []
+    # float norms, then the whole-network quantities
+    capped = {layer.name: _capped(layer, config.norm_max_spatial) for layer in pm.layers}
+    base = {}
+    bar = tqdm(total=2 * len(pm.layers), desc="operator norms", unit="layer", disable=not progress, leave=False)
+    for layer in pm.layers:
+        base[layer.name] = operator_norm(capped[layer.name], pm.weight(layer), **opts)
+        bar.update(1)
+    norms = {name: n.value for name, n in base.items()}
+    bounds = network_bounds(pm, norms)
+    lam = bounds.network_bound
+    if lam is None or any(bounds.gains.get(layer.name) is None for layer in pm.layers):
+        why = ", ".join(bounds.unknown_ops) or "unknown"
+        warnings.append(
+            f"the whole-network bound is unknown (no bound rule for: {why}); missing gains are taken as 1 "
+            f"and dLambda/dL_l as prod(L)/L_l"
+        )
+    prod_l = float(np.prod([max(v, 1e-30) for v in norms.values()]))
+    e2 = eps_l2(config, pm.input_shape)
+    if config.norm_max_spatial is not None and any(capped[n] is not layer for n, layer in zip(capped, pm.layers)):
+        warnings.append(f"conv operator norms computed at spatial size <= {config.norm_max_spatial} (norm_max_spatial)")
+
+    # activation terms per input tensor and setting, computed once
+    act_terms: dict[tuple[str, ActivationQuant], float] = {}
+    in_norm: dict[str, float] = {}
+    for layer in pm.layers:
+        st = stats[layer.input]
+        in_norm.setdefault(layer.input, float(activation_norm(st)))
+        for a in acts:
+            key = (layer.input, a)
+            if key not in act_terms:
+                rmin, rmax = activation_range(st, a)
+                act_terms[key] = float(activation_error(st, rmin, rmax, a))
+
+    out: list[LayerTerms] = []
+    for layer in pm.layers:
+        L = norms[layer.name]
+        gain = bounds.gains.get(layer.name)
+        up = bounds.upstream.get(layer.name)
+        G = 1.0 if gain is None else float(gain)
+        D = G * float(up) if (gain is not None and up is not None) else prod_l / max(L, 1e-30)
+        w = pm.weight(layer)
+        weight_terms: list[tuple[WeightQuant | None, float, float]] = []
+        for ws in space.weight_settings(layer.channel_axis, weight_bits):
+            if ws is None:
+                weight_terms.append((None, L, 0.0))
+                continue
+            wq, _ = quantize_weight(w, ws)
+            lhat = operator_norm(capped[layer.name], wq, init=base[layer.name].vector, **opts).value
+            dnorm = operator_norm(capped[layer.name], w - wq, **opts).value
+            weight_terms.append((ws, lhat, dnorm))
+        scores = []
+        params = int(np.prod(layer.weight_shape))
+        anorm = in_norm[layer.input]
+        for ws, lhat, dnorm in weight_terms:
+            for a in acts:
+                e = act_terms[(layer.input, a)]
+                adv = e2 * D * (lhat - L)
+                quant = G * (dnorm * anorm + lhat * e)
+                cand = Candidate(ws, a)
+                scores.append(
+                    Score(cand, lhat, dnorm, e, adv, quant, _metric(config.objective, adv, quant), cand.weight_bits * params)
+                )
+        out.append(LayerTerms(layer, L, G, D, anorm, tuple(scores)))
+        bar.update(1)
+    bar.close()
+    methods = sorted({n.method for n in base.values()})
+    return Scored(lam, e2, tuple(out), tuple(warnings), "/".join(methods))

@@ -1,0 +1,417 @@
+"""The quantization plan: frozen dataclasses and a versioned JSON round trip.
+
+A plan records, per weighted layer, the chosen setting and every scored candidate's metric
+terms, plus the activation range of every tensor that gets a QDQ pair. It is written beside the
+quantized model as ``OUT.plan.json``; a user may edit a layer's ``chosen`` block and re-apply it
+with ``--plan``. Re-applying validates the plan against the model (format version, model hash,
+layer names, settings, per-channel axes) and raises :class:`PlanError` on a mismatch.
+
+Activation ranges are stored, so a re-apply without calibration data works; with ``--calib`` they
+are recomputed from the new data with each tensor's setting. A layer whose activation setting was
+edited needs ``--calib`` (its stored range was computed with the old setting). Weight scales are
+derived from the model weights and the setting: they are written for review and recomputed on
+re-apply (so editing a setting is enough).
+
+JSON schema (``format: "laqonnx.plan"``, ``version: 1``)::
+
+    {"format", "version", "model": {"sha256", "input_name", "input_shape"},
+     "settings": {"objective", "eps", "norm", "eps_l2", "avg_weight_bits", "max_bytes",
+                  "adversarial_calib", "activation_stats"},
+     "network_bound": float | null, "warnings": [str],
+     "layers": [{"name", "op_type", "weight", "input", "params", "channel_axis",
+                 "operator_norm", "gain", "lipschitz_derivative", "input_norm",
+                 "chosen": CANDIDATE, "weight_scale": [float] | null, "weight_zero_point": [int] | null,
+                 "candidates": [CANDIDATE + {"lhat", "weight_error_norm", "activation_error",
+                                             "adversarial", "quantization", "metric", "cost_bits"}]}],
+     "ranges": [{"tensor", "activation": ACTIVATION, "rmin", "rmax"}]}
+    CANDIDATE  = {"weight": WEIGHT | null (float), "activation": ACTIVATION}
+    WEIGHT     = {"bits": 8|4, "granularity": "per_tensor"|"per_channel", "method", "percentile"}
+    ACTIVATION = {"bits": 8|16, "method", "percentile", "symmetric"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError
+from .quantizers import ActivationQuant, PerChannel, PerTensor, WeightQuant
+
+__all__ = [
+    "PLAN_FORMAT",
+    "PLAN_VERSION",
+    "Candidate",
+    "Score",
+    "LayerPlan",
+    "TensorRange",
+    "Plan",
+    "weight_to_json",
+    "weight_from_json",
+    "activation_to_json",
+    "activation_from_json",
+]
+
+PLAN_FORMAT = "laqonnx.plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting for a layer: its weight quantization (None: left in float) and input activation."""
+
+    weight: WeightQuant | None
+    activation: ActivationQuant
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and not isinstance(self.weight, WeightQuant):
+            raise ValueError(f"weight must be a WeightQuant or None, got {self.weight!r}")
+        if not isinstance(self.activation, ActivationQuant):
+            raise ValueError(f"activation must be an ActivationQuant, got {self.activation!r}")
+
+    @property
+    def weight_bits(self) -> int:
+        return 32 if self.weight is None else self.weight.bits
+
+    def describe(self) -> tuple[str, str]:
+        """(weight, activation) as short text: 'int8 per-channel mse', 'uint8 minmax'."""
+        if self.weight is None:
+            w = "float"
+        else:
+            gran = "per-channel" if isinstance(self.weight.granularity, PerChannel) else "per-tensor"
+            method = self.weight.method + (f"({self.weight.percentile:g})" if self.weight.method == "percentile" else "")
+            w = f"int{self.weight.bits} {gran} {method}"
+        a = self.activation
+        kind = ("int" if a.symmetric else "uint") + str(a.bits)
+        method = a.method + (f"({a.percentile:g})" if a.method == "percentile" else "")
+        return w, f"{kind} {method}"
+
+
+@dataclass(frozen=True)
+class Score:
+    """A candidate's metric terms for one layer (see :mod:`laqonnx.objective`)."""
+
+    candidate: Candidate
+    lhat: float  # operator norm with quantized weights
+    weight_error_norm: float  # ||T[W - Q(W)]||_2
+    activation_error: float  # e_l: expected per-example L2 norm of a - Q(a) of the layer input
+    adversarial: float  # eps_l2 * dLambda/dL_l * (Lhat - L)
+    quantization: float  # G_l * (||T[W - Q(W)]|| * ||a|| + Lhat * e)
+    metric: float  # what the objective minimises
+    cost_bits: int  # weight bits x parameters
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    op_type: str
+    weight: str
+    input: str
+    params: int
+    channel_axis: int
+    chosen: Candidate
+    operator_norm: float | None = None
+    gain: float | None = None
+    lipschitz_derivative: float | None = None
+    input_norm: float | None = None
+    scores: tuple[Score, ...] = ()
+    weight_scale: tuple[float, ...] | None = None
+    weight_zero_point: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """The calibrated range of one QDQ'd tensor and the setting that produced it."""
+
+    tensor: str
+    activation: ActivationQuant
+    rmin: float
+    rmax: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rmin, (int, float)) and isinstance(self.rmax, (int, float))):
+            raise ValueError(f"range of {self.tensor!r} must be numbers")
+        if not (float("-inf") < self.rmin <= self.rmax < float("inf")):
+            raise ValueError(f"invalid range [{self.rmin}, {self.rmax}] for tensor {self.tensor!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_sha256: str
+    input_name: str
+    input_shape: tuple[int, ...]
+    layers: tuple[LayerPlan, ...]
+    ranges: tuple[TensorRange, ...]
+    objective: str = "laq"
+    eps: float = 0.0
+    norm: str = "inf"
+    eps_l2: float = 0.0
+    avg_weight_bits: float | None = None
+    max_bytes: int | None = None
+    adversarial_calib: bool = False
+    activation_stats: str = "clean"
+    network_bound: float | None = None
+    warnings: tuple[str, ...] = ()
+    version: int = PLAN_VERSION
+
+    # -- queries ---------------------------------------------------------------------------
+    def layer(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(name)
+
+    def range_map(self) -> dict[str, TensorRange]:
+        return {r.tensor: r for r in self.ranges}
+
+    @property
+    def avg_bits(self) -> float:
+        """Parameter-weighted average weight bits (float weights count 32)."""
+        total = sum(lp.params for lp in self.layers)
+        return sum(lp.params * lp.chosen.weight_bits for lp in self.layers) / total if total else 0.0
+
+    def with_choice(self, layer: str, candidate: Candidate) -> Plan:
+        """A copy with ``layer``'s chosen setting replaced (its derived weight scales dropped)."""
+        self.layer(layer)
+        layers = tuple(
+            dataclasses.replace(lp, chosen=candidate, weight_scale=None, weight_zero_point=None)
+            if lp.name == layer
+            else lp
+            for lp in self.layers
+        )
+        return dataclasses.replace(self, layers=layers)
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self, layers: Iterable[Any], model_sha256: str) -> None:
+        """Check the plan fits the model (``layers``: graph.Layer objects); PlanError otherwise."""
+        if self.model_sha256 != model_sha256:
+            raise PlanError(
+                f"the plan was made for another model (sha256 {self.model_sha256[:12]}..., "
+                f"this model is {model_sha256[:12]}...)"
+            )
+        by_name = {layer.name: layer for layer in layers}
+        names = [lp.name for lp in self.layers]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise PlanError(f"the plan names layers the model does not have: {', '.join(unknown)}")
+        missing = [n for n in by_name if n not in names]
+        if missing:
+            raise PlanError(f"the plan has no setting for layers: {', '.join(missing)}")
+        if len(set(names)) != len(names):
+            raise PlanError("the plan lists a layer more than once")
+        shared: dict[str, ActivationQuant] = {}
+        for lp in self.layers:
+            layer = by_name[lp.name]
+            if lp.weight != layer.weight or lp.input != layer.input:
+                raise PlanError(f"layer {lp.name}: weight/input names do not match the model")
+            w = lp.chosen.weight
+            if w is not None and isinstance(w.granularity, PerChannel) and w.granularity.axis != layer.channel_axis:
+                raise PlanError(
+                    f"layer {lp.name}: per-channel axis {w.granularity.axis} is not the output-channel "
+                    f"axis {layer.channel_axis}"
+                )
+            prev = shared.setdefault(lp.input, lp.chosen.activation)
+            if prev != lp.chosen.activation:
+                raise PlanError(
+                    f"layers reading tensor {lp.input!r} must share one activation setting (one QDQ per tensor)"
+                )
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": self.version,
+            "model": {"sha256": self.model_sha256, "input_name": self.input_name, "input_shape": list(self.input_shape)},
+            "settings": {
+                "objective": self.objective,
+                "eps": self.eps,
+                "norm": self.norm,
+                "eps_l2": self.eps_l2,
+                "avg_weight_bits": self.avg_weight_bits,
+                "max_bytes": self.max_bytes,
+                "adversarial_calib": self.adversarial_calib,
+                "activation_stats": self.activation_stats,
+            },
+            "network_bound": self.network_bound,
+            "warnings": list(self.warnings),
+            "layers": [_layer_to_json(lp) for lp in self.layers],
+            "ranges": [
+                {"tensor": r.tensor, "activation": activation_to_json(r.activation), "rmin": r.rmin, "rmax": r.rmax}
+                for r in self.ranges
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Plan:
+        try:
+            return _plan_from_json(d)
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"invalid plan: {type(exc).__name__}: {exc}") from exc
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        from ._io import atomic_write_json
+
+        return atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError as exc:
+            raise PlanError(f"plan file {path} does not exist") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanError(f"cannot read plan {path}: {exc}") from exc
+        return cls.from_json(data)
+
+
+def weight_to_json(w: WeightQuant | None) -> dict[str, Any] | None:
+    if w is None:
+        return None
+    per_channel = isinstance(w.granularity, PerChannel)
+    out: dict[str, Any] = {
+        "bits": w.bits,
+        "granularity": "per_channel" if per_channel else "per_tensor",
+        "method": w.method,
+        "percentile": w.percentile,
+    }
+    if per_channel:
+        out["axis"] = w.granularity.axis
+    return out
+
+
+def weight_from_json(d: Mapping[str, Any] | None, channel_axis: int = 0) -> WeightQuant | None:
+    if d is None:
+        return None
+    gran = d.get("granularity", "per_tensor")
+    if gran == "per_channel":
+        granularity: PerTensor | PerChannel = PerChannel(int(d.get("axis", channel_axis)))
+    elif gran == "per_tensor":
+        granularity = PerTensor()
+    else:
+        raise PlanError(f"unknown granularity {gran!r} (per_tensor or per_channel)")
+    try:
+        return WeightQuant(
+            bits=d["bits"], granularity=granularity, method=d.get("method", "maxabs"), percentile=d.get("percentile", 99.99)
+        )
+    except ValueError as exc:
+        raise PlanError(f"bad weight setting {dict(d)}: {exc}") from exc
+
+
+def activation_to_json(a: ActivationQuant) -> dict[str, Any]:
+    return {"bits": a.bits, "method": a.method, "percentile": a.percentile, "symmetric": a.symmetric}
+
+
+def activation_from_json(d: Mapping[str, Any]) -> ActivationQuant:
+    try:
+        return ActivationQuant(
+            bits=d["bits"], method=d.get("method", "minmax"), percentile=d.get("percentile", 99.99),
+            symmetric=d.get("symmetric", False),
+        )
+    except ValueError as exc:
+        raise PlanError(f"bad activation setting {dict(d)}: {exc}") from exc
+
+
+def _candidate_to_json(c: Candidate) -> dict[str, Any]:
+    return {"weight": weight_to_json(c.weight), "activation": activation_to_json(c.activation)}
+
+
+def _candidate_from_json(d: Mapping[str, Any], axis: int) -> Candidate:
+    if "weight" not in d or "activation" not in d:
+        raise PlanError("a candidate needs 'weight' (null for float) and 'activation'")
+    return Candidate(weight_from_json(d["weight"], axis), activation_from_json(d["activation"]))
+
+
+_SCORE_FIELDS = ("lhat", "weight_error_norm", "activation_error", "adversarial", "quantization", "metric")
+
+
+def _layer_to_json(lp: LayerPlan) -> dict[str, Any]:
+    return {
+        "name": lp.name,
+        "op_type": lp.op_type,
+        "weight": lp.weight,
+        "input": lp.input,
+        "params": lp.params,
+        "channel_axis": lp.channel_axis,
+        "operator_norm": lp.operator_norm,
+        "gain": lp.gain,
+        "lipschitz_derivative": lp.lipschitz_derivative,
+        "input_norm": lp.input_norm,
+        "chosen": _candidate_to_json(lp.chosen),
+        "weight_scale": None if lp.weight_scale is None else list(lp.weight_scale),
+        "weight_zero_point": None if lp.weight_zero_point is None else list(lp.weight_zero_point),
+        "candidates": [
+            {**_candidate_to_json(s.candidate), **{f: getattr(s, f) for f in _SCORE_FIELDS}, "cost_bits": s.cost_bits}
+            for s in lp.scores
+        ],
+    }
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _layer_from_json(d: Mapping[str, Any]) -> LayerPlan:
+    axis = int(d.get("channel_axis", 0))
+    scores = tuple(
+        Score(candidate=_candidate_from_json(s, axis), cost_bits=int(s["cost_bits"]), **{f: float(s[f]) for f in _SCORE_FIELDS})
+        for s in d.get("candidates", [])
+    )
+    ws, wz = d.get("weight_scale"), d.get("weight_zero_point")
+    return LayerPlan(
+        name=str(d["name"]),
+        op_type=str(d["op_type"]),
+        weight=str(d["weight"]),
+        input=str(d["input"]),
+        params=int(d["params"]),
+        channel_axis=axis,
+        chosen=_candidate_from_json(d["chosen"], axis),
+        operator_norm=_opt_float(d.get("operator_norm")),
+        gain=_opt_float(d.get("gain")),
+        lipschitz_derivative=_opt_float(d.get("lipschitz_derivative")),
+        input_norm=_opt_float(d.get("input_norm")),
+        scores=scores,
+        weight_scale=None if ws is None else tuple(float(x) for x in ws),
+        weight_zero_point=None if wz is None else tuple(int(x) for x in wz),
+    )
+
+
+def _plan_from_json(d: Mapping[str, Any]) -> Plan:
+    if not isinstance(d, Mapping) or d.get("format") != PLAN_FORMAT:
+        raise PlanError(f"not a laqonnx plan (expected \"format\": \"{PLAN_FORMAT}\")")
+    if d.get("version") != PLAN_VERSION:
+        raise PlanError(f"unsupported plan version {d.get('version')!r} (this laqonnx reads version {PLAN_VERSION})")
+    model, settings = d["model"], d.get("settings", {})
+    ranges = []
+    for r in d.get("ranges", []):
+        try:
+            ranges.append(TensorRange(str(r["tensor"]), activation_from_json(r["activation"]), float(r["rmin"]), float(r["rmax"])))
+        except ValueError as exc:
+            raise PlanError(f"bad range in plan: {exc}") from exc
+    mb = settings.get("max_bytes")
+    awb = settings.get("avg_weight_bits")
+    return Plan(
+        model_sha256=str(model["sha256"]),
+        input_name=str(model["input_name"]),
+        input_shape=tuple(int(x) for x in model["input_shape"]),
+        layers=tuple(_layer_from_json(lp) for lp in d["layers"]),
+        ranges=tuple(ranges),
+        objective=str(settings.get("objective", "laq")),
+        eps=float(settings.get("eps", 0.0)),
+        norm=str(settings.get("norm", "inf")),
+        eps_l2=float(settings.get("eps_l2", 0.0)),
+        avg_weight_bits=None if awb is None else float(awb),
+        max_bytes=None if mb is None else int(mb),
+        adversarial_calib=bool(settings.get("adversarial_calib", False)),
+        activation_stats=str(settings.get("activation_stats", "clean")),
+        network_bound=_opt_float(d.get("network_bound")),
+        warnings=tuple(str(w) for w in d.get("warnings", [])),
+        version=int(d["version"]),
+    )
+
