@@ -279,3 +279,50 @@ def test_resize_images_channels() -> None:
     np.testing.assert_allclose(up, 0.25, rtol=1e-6)
     src = Resized(ArraySource(x), (1, 12, 12))
     assert _all(src)[0].shape == (2, 1, 12, 12)
+
+
+# ---------------------------------------------------------------- calibration/make_calib.py
+
+
+def _make_calib():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "calibration" / "make_calib.py"
+    spec = importlib.util.spec_from_file_location("make_calib", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_calib_resizes_npz_and_draws_samples(tmp_path: Path) -> None:
+    mc = _make_calib()
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "small.npz", x=x, y=np.arange(20))
+    out = tmp_path / "calib.npz"
+    assert mc.main([str(tmp_path / "small.npz"), "--shape", "3,12,12", "--samples", "5", "--seed", "1", "-o", str(out), "--no-progress"]) == 0
+    with np.load(out) as got:
+        gx, gy = got["x"], got["y"]
+    assert gx.shape == (5, 3, 12, 12) and gx.dtype == np.float32 and gy.dtype == np.int64
+    assert np.all(np.diff(gy) > 0) and len(set(gy.tolist())) == 5  # distinct examples, source order
+    expected = resize_images(x[gy].astype(np.float32) / np.float32(255), (3, 12, 12))
+    np.testing.assert_array_equal(gx, expected)
+    # refuses to overwrite its input, and reports data errors as one line with exit code 2
+    assert mc.main([str(tmp_path / "small.npz"), "--shape", "3,12,12", "-o", str(tmp_path / "small.npz"), "--no-progress"]) == 2
+    assert mc.main([str(tmp_path / "small.npz"), "--shape", "60", "-o", str(tmp_path / "flat.npz"), "--no-progress"]) == 2
+
+
+def test_make_calib_image_folder_with_model_shape(tmp_path: Path) -> None:
+    from tests.models import cnn
+
+    import onnx
+
+    mc = _make_calib()
+    _make_folder(tmp_path / "imgs", np.random.default_rng(7))
+    onnx.save(cnn(in_ch=1, hw=8), tmp_path / "m.onnx")
+    assert mc.model_input_shape(str(tmp_path / "m.onnx")) == (1, 8, 8)
+    out = tmp_path / "c.npz"
+    assert mc.main([str(tmp_path / "imgs"), "--model", str(tmp_path / "m.onnx"), "--samples", "0", "-o", str(out), "--no-progress"]) == 0
+    with np.load(out) as got:
+        assert got["x"].shape == (6, 1, 8, 8) and got["y"].tolist() == [0, 0, 0, 1, 1, 1]
+        np.testing.assert_array_equal(got["x"], _all(open_data(tmp_path / "imgs", input_shape=(1, 8, 8)))[0])
