@@ -93,17 +93,25 @@ class TensorStats:
         if not np.issubdtype(a.dtype, np.floating):
             raise ModelError(f"tensor {name!r} has dtype {a.dtype}: only float activations are calibrated")
         n_examples = int(a.shape[0]) if a.ndim else 1
-        flat = a.reshape(-1).astype(np.float64)
+        flat = a.reshape(-1)
+        if flat.dtype not in (np.float32, np.float64):
+            flat = flat.astype(np.float32)  # float16/bfloat16: exact
         if flat.size == 0 or n_examples == 0:
             raise DataError(f"tensor {name!r}: empty batch")
-        bad = int(np.count_nonzero(~np.isfinite(flat)))
-        if bad:
-            raise DataError(f"tensor {name!r} has {bad} NaN or infinite values on the calibration data")
         lo, hi = float(flat.min()), float(flat.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = int(np.count_nonzero(~np.isfinite(flat)))
+            raise DataError(f"tensor {name!r} has {bad} NaN or infinite values on the calibration data")
         e = _exponent(lo, hi, bins)
         start = math.floor(math.ldexp(lo, -e))
-        idx = np.floor(np.ldexp(flat, -e)).astype(np.int64) - start
+        work = np.ldexp(flat, np.int32(-e))  # scaling by a power of two is exact, in the input's precision
+        np.floor(work, out=work)
+        idx = work.astype(np.int64)
+        idx -= start
         counts = np.bincount(idx, minlength=bins).astype(np.int64)
+        del idx
+        np.square(flat, out=work)
+        sum_sq = float(work.sum(dtype=np.float64))
         return cls(
             name=name,
             min=lo,
@@ -112,7 +120,7 @@ class TensorStats:
             edges=np.ldexp(np.arange(start, start + bins + 1, dtype=np.float64), e),
             n_examples=n_examples,
             numel=flat.size // n_examples,
-            sum_sq=float(np.dot(flat, flat)),
+            sum_sq=sum_sq,
             zeros=int(flat.size - np.count_nonzero(flat)),
         )
 
