@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def main() -> int:
         print(f"exported and quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         sizes = {"float": fp.stat().st_size, "int8": q8.stat().st_size}
         per_repeat = []
+        load_before = os.getloadavg()
         for i in range(repeats):
             res = compare_latency({"float": fp, "int8": q8}, batch_sizes=(1,), threads=args.threads,
                                   warmup=20, runs=runs, rounds=max(1, runs // 10), progress=True)
@@ -122,6 +124,7 @@ def main() -> int:
             print(f"repeat {i + 1}/{repeats}: float {row['float']:.2f} ms, int8 {row['int8']:.2f} ms, "
                   f"ratio {row['ratio_float_over_int8']:.2f}", file=sys.stderr)
 
+    load_after = os.getloadavg()
     info = cpu_info()
     summary = {
         "float_p50_ms": statistics.median(r["float"] for r in per_repeat),
@@ -143,6 +146,8 @@ def main() -> int:
                      "interleaved_rounds": max(1, runs // 10), "calibration_images": n_calib},
         "machine": {"cpu_model": info.model_name, "logical_cores": info.logical_cores, "int8_isa": info.int8_isa(),
                     "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                    "load_average_1_5_15min": {"before": [round(v, 2) for v in load_before],
+                                               "after": [round(v, 2) for v in load_after]},
                     "note": "shared machine (2 cores, several other engineers running jobs): noisy"},
         "reference": "DESIGN.md section 5, quiet machine: float 8.2 ms, int8 5.8 ms (ratio 1.41)",
     }

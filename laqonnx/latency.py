@@ -357,7 +357,7 @@ def _measure(models: Mapping[str, ModelLike], opts: _Options) -> dict[str, Laten
     info = cpu_info()
     return {
         k: LatencyResult(
-            model=s.name,
+            model=_model_name(models[k]),
             stats=tuple(LatencyStats.from_times(b, t) for b, t in times[k].items()),
             threads=opts.threads,
             cpu=info,

@@ -192,7 +192,7 @@ def test_min_time_extends_runs_and_batches_scale(fakes):
 
 def test_compare_latency_real_models():
     res = compare_latency({"cnn": models.cnn(), "res": models.residual()}, batch_sizes=(2,), warmup=1, runs=6, rounds=3)
-    assert set(res) == {"cnn", "res"}
+    assert set(res) == {"cnn", "res"} and res["cnn"].model == "cnn" and res["res"].model == "residual"  # graph names
     assert all(r.at(2).runs == 6 for r in res.values())
     with pytest.raises(TypeError):
         compare_latency({"cnn": models.cnn()}, bogus=1)
