@@ -74,6 +74,21 @@ def test_cpu_info_is_cached_and_consistent():
     assert set(info.int8_isa()) <= info.flags
 
 
+def test_cpu_info_without_proc_cpuinfo(monkeypatch):
+    class NoFile:
+        def __init__(self, *a):
+            pass
+
+        def read_text(self, *a, **k):
+            raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr(latency, "Path", NoFile)
+    info = latency.cpu_info.__wrapped__()  # bypass the cache
+    assert info.flags == frozenset() and not (info.vnni or info.amx or info.avx512)
+    assert info.model_name and info.logical_cores >= 1
+    assert "not read" in info.note and info.int8_warning().startswith("int8 speed unknown")
+
+
 def test_stats_percentiles_are_exact():
     s = LatencyStats.from_times(4, list(range(1, 101)))  # numpy's linear interpolation, by hand
     assert (s.p50_ms, s.p90_ms, s.p99_ms, s.mean_ms, s.runs) == (50.5, pytest.approx(90.1), pytest.approx(99.01), 50.5, 100)
@@ -191,7 +206,8 @@ def test_min_time_extends_runs_and_batches_scale(fakes):
 
 
 def test_compare_latency_real_models():
-    res = compare_latency({"cnn": models.cnn(), "res": models.residual()}, batch_sizes=(2,), warmup=1, runs=6, rounds=3)
+    res = compare_latency({"cnn": models.cnn(), "res": models.residual()}, batch_sizes=(2,), warmup=1, runs=6, rounds=3,
+                          progress=True)
     assert set(res) == {"cnn", "res"} and res["cnn"].model == "cnn" and res["res"].model == "residual"  # graph names
     assert all(r.at(2).runs == 6 for r in res.values())
     with pytest.raises(TypeError):
