@@ -249,3 +249,16 @@ def test_relative_weight_error_against_explicit_formula() -> None:
 def test_invalid_specs_raise_value_error(make) -> None:
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("method", ["maxabs", "mse", "percentile"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weights_match_onnxruntime_quantizer_with_our_scales(bits: int, method: str) -> None:
+    """What onnxruntime's quantizer stores for a weight given our (float32) scale/zero point override."""
+    rng = np.random.default_rng(bits)
+    w = rng.standard_t(3, (8, 3, 3, 3)).astype(np.float32)
+    spec = WeightQuant(bits=bits, method=method, percentile=99.0, granularity=PerChannel(0))
+    _, qp = quantize_weight(w, spec)
+    for c in range(w.shape[0]):
+        q_ort = quant_utils.quantize_nparray(qp.onnx_type, w[c].ravel(), np.float32(qp.scale[c]), qp.zero_point[c])
+        np.testing.assert_array_equal(quantize(w, qp)[c].ravel(), q_ort)
