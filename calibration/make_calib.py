@@ -93,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--model", help="ONNX model whose input shape (C, H, W) the data must fit")
     group.add_argument("--shape", help="input shape without the batch axis, e.g. 3,224,224 or 64")
-    parser.add_argument("--samples", type=int, default=512, help="number of examples drawn at random (default 512; 0 = all)")
+    parser.add_argument(
+        "--samples", type=int, default=512, help="number of examples drawn at random (default 512; 0 = all)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draw")
     parser.add_argument("--split", default="train", help="digits split / CIFAR batches to read (train, test, all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--shape must be integers separated by commas, got {args.shape!r}")
         else:
             shape = model_input_shape(args.model)
-        x, y = build(args.source, shape, args.samples or None, seed=args.seed, split=args.split, progress=not args.no_progress)
+        x, y = build(
+            args.source, shape, args.samples or None, seed=args.seed, split=args.split, progress=not args.no_progress
+        )
         buf = io.BytesIO()
         np.savez_compressed(buf, **({"x": x} if y is None else {"x": x, "y": y}))
         atomic_write_bytes(args.output, buf.getvalue())
@@ -121,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: x {x.shape} float32 in [{x.min():.3f}, {x.max():.3f}]" + ("" if y is None else f", y {y.shape}"))
+    labels = "" if y is None else f", y {y.shape}"
+    print(f"wrote {args.output}: x {x.shape} float32 in [{x.min():.3f}, {x.max():.3f}]{labels}")
     return 0
 
 

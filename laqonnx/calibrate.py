@@ -133,7 +133,9 @@ class TensorStats:
     def merge(self, other: TensorStats) -> TensorStats:
         """Statistics of the union of both example sets (exact, associative and commutative)."""
         if other.name != self.name or other.bins != self.bins:
-            raise ValueError(f"cannot merge stats of {self.name!r} ({self.bins} bins) and {other.name!r} ({other.bins} bins)")
+            raise ValueError(
+                f"cannot merge stats of {self.name!r} ({self.bins} bins) and {other.name!r} ({other.bins} bins)"
+            )
         if other.numel != self.numel:
             raise DataError(f"tensor {self.name!r} changed size per example: {self.numel} vs {other.numel}")
         lo, hi = min(self.min, other.min), max(self.max, other.max)
@@ -314,7 +316,9 @@ def activation_range(stats: TensorStats, spec: ActivationQuant) -> tuple[float, 
             t = _quantile(fold, stats.width * np.arange(fold.size + 1, dtype=np.float64), spec.percentile / 100.0)
             return max(lo, -t), min(hi, t)
         cut = (100.0 - spec.percentile) / 200.0
-        return max(lo, _quantile(stats.counts, stats.edges, cut)), min(hi, _quantile(stats.counts, stats.edges, 1.0 - cut))
+        low = _quantile(stats.counts, stats.edges, cut)
+        high = _quantile(stats.counts, stats.edges, 1.0 - cut)
+        return max(lo, low), min(hi, high)
     if spec.method == "entropy":
         one_sided = lo >= 0 or hi <= 0
         nq = _levels(spec) if one_sided and not spec.symmetric else 2 ** (spec.bits - 1) - 1

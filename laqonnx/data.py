@@ -83,10 +83,14 @@ class DataSource(ABC):
 class ArraySource(DataSource):
     """In-memory arrays; uint8 images are kept as uint8 and scaled per batch."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray | None = None, *, name: str = "arrays", num_classes: int | None = None):
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray | None = None, *, name: str = "arrays", num_classes: int | None = None
+    ):
         self.x, self.y = _validate_arrays(x, y, name)
         self.name = name
-        self._num_classes = num_classes if num_classes is not None else (int(self.y.max()) + 1 if self.y is not None and len(self.y) else None)
+        if num_classes is None and self.y is not None and len(self.y):
+            num_classes = int(self.y.max()) + 1
+        self._num_classes = num_classes
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -178,7 +182,8 @@ def resize_images(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     if x.ndim != 4 or c not in (1, 3) or x.shape[1] not in (1, 3):
         raise DataError(f"cannot convert images of shape {x.shape[1:]} to {tuple(shape)}: only 1 or 3 channels")
     if x.shape[1] != c:
-        x = np.repeat(x, 3, axis=1) if c == 3 else np.tensordot(np.float32([0.299, 0.587, 0.114]), x, axes=([0], [1]))[:, None]
+        luma = np.float32([0.299, 0.587, 0.114])
+        x = np.repeat(x, 3, axis=1) if c == 3 else np.tensordot(luma, x, axes=([0], [1]))[:, None]
     if x.shape[2:] != (h, w):
         out = np.empty((x.shape[0], c, h, w), dtype=np.float32)
         for i in range(x.shape[0]):
@@ -408,7 +413,9 @@ def open_data(
     else:
         path = Path(text)
         if not path.exists():
-            raise DataError(f"data {text!r} not found (expected digits[:train|:test], a .npz, an image folder or CIFAR batches)")
+            raise DataError(
+                f"data {text!r} not found (expected digits[:train|:test], a .npz, an image folder or CIFAR batches)"
+            )
         if path.is_dir():
             is_cifar = any((path / n).is_file() for n in ("test_batch", "data_batch_1"))
             source = _open_cifar(path, split) if is_cifar else ImageFolderSource(path, _image_shape(input_shape))

@@ -217,7 +217,9 @@ def fake_quant(x: np.ndarray, qp: QParams) -> np.ndarray:
     return dequantize(quantize(x, qp), qp)
 
 
-def _scale_zp(rmin: np.ndarray, rmax: np.ndarray, qmin: int, qmax: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def _scale_zp(
+    rmin: np.ndarray, rmax: np.ndarray, qmin: int, qmax: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised ``onnxruntime.quantization.quant_utils.compute_scale_zp`` (float32 ranges, no min_real_range).
 
     Returns (float32 scale, int64 zero point), elementwise over the range arrays.
