@@ -6,11 +6,14 @@ For layer ``l`` and candidate ``s`` = (weight setting, input-activation setting)
     q_l(s) = ||T_l[W_l - Q_s(W_l)]||_2 * ||a_{l-1}||  +  Lhat_l(s) * e_l(s)
 
 ``L_l`` the layer's operator norm, ``Lhat_l(s)`` with quantized weights, ``G_l`` the bound from the
-layer's output to the network output, ``D_l = G_l * U_l`` (``U_l`` the bound from the network input
-to the layer's input) the derivative of the whole-network bound ``Lambda`` with respect to ``L_l``.
-On a chain ``D_l = Lambda / L_l``, so the first term is DESIGN.md's ``eps * Lambda * (Lhat/L - 1)``;
-on residual graphs ``D_l`` is the correct first-order coefficient (Lambda is multilinear in the
-layer norms there). ``||a_{l-1}||`` is the per-example RMS L2 norm of the layer input and ``e_l(s)``
+layer's output to the network output, and ``D_l = dLambda/dL_l`` the derivative of the
+whole-network bound with respect to the layer's norm (a central difference of
+:func:`laqonnx.lipschitz.network_bounds`). On a chain ``D_l = Lambda / L_l``, so the first term is
+DESIGN.md's ``eps * Lambda * (Lhat/L - 1)``; on residual graphs (Lambda multilinear in the norms,
+``D_l = G_l * U_l`` with ``U_l`` the bound up to the layer input) and through Concat
+(``sqrt(sum L^2)``, where ``G_l * U_l`` would overstate it) the derivative is the correct first-order
+coefficient, which is what makes the per-layer argmin minimise the linearised whole bound.
+``||a_{l-1}||`` is the per-example RMS L2 norm of the layer input and ``e_l(s)``
 the expected per-example L2 norm of its quantization error under the candidate's range, both from
 the calibration histograms (clean, or clean and adversarial merged into one histogram).
 
@@ -18,7 +21,7 @@ Threat model: norms are L2 operator norms, so an L-inf radius is converted to th
 contains the L-inf ball: ``eps2 = eps * sqrt(input size)``; ``--norm 2`` uses eps as is.
 
 Objectives: ``laq`` (both terms), ``mse`` (quantization term only), ``lipschitz`` (adversarial term
-only); ties are broken by the other term. If the network bound is unknown (an op without a bound
+only); ties go to the cheaper, then the earlier candidate. If the network bound is unknown (an op without a bound
 rule) the missing ``G_l`` are taken as 1 and ``D_l`` as ``prod(L) / L_l``, with a warning.
 
 Cost: ``ObjectiveConfig.norm_max_spatial`` caps the spatial size at which conv operator norms are
@@ -154,6 +157,21 @@ def _capped(layer: Layer, cap: int | None) -> Layer:
     return dataclasses.replace(layer, input_shape=(1, shape[1], *spatial), output_shape=None)
 
 
+def _derivatives(pm: PreparedModel, norms: Mapping[str, float], lam: float | None, network_bounds) -> dict[str, float]:
+    """dLambda/dL_l by a central difference of the whole-network bound (exact up to rounding where
+    Lambda is multilinear in the layer norms: chains and residual sums; first order through Concat)."""
+    if lam is None:
+        return {}
+    out: dict[str, float] = {}
+    for name, L in norms.items():
+        h = 1e-4 * max(L, 1e-12)
+        hi = network_bounds(pm, {**norms, name: L + h}).network_bound
+        lo = network_bounds(pm, {**norms, name: max(L - h, 0.0)}).network_bound
+        if hi is not None and lo is not None:
+            out[name] = (hi - lo) / (L + h - max(L - h, 0.0))
+    return out
+
+
 def _metric(objective: str, adversarial: float, quantization: float) -> float:
     if objective == "laq":
         return adversarial + quantization
@@ -221,6 +239,7 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
             f"and dLambda/dL_l as prod(L)/L_l"
         )
     prod_l = float(np.prod([max(v, 1e-30) for v in norms.values()]))
+    derivs = _derivatives(pm, norms, lam, network_bounds)
     e2 = eps_l2(config, pm.input_shape)
     if config.norm_max_spatial is not None and any(capped[n] is not layer for n, layer in zip(capped, pm.layers)):
         warnings.append(f"conv operator norms computed at spatial size <= {config.norm_max_spatial} (norm_max_spatial)")
@@ -241,9 +260,10 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
     for layer in pm.layers:
         L = norms[layer.name]
         gain = bounds.gains.get(layer.name)
-        up = bounds.upstream.get(layer.name)
         G = 1.0 if gain is None else float(gain)
-        D = G * float(up) if (gain is not None and up is not None) else prod_l / max(L, 1e-30)
+        D = derivs.get(layer.name)
+        if D is None:
+            D = prod_l / max(L, 1e-30)
         w = pm.weight(layer)
         weight_terms: list[tuple[WeightQuant | None, float, float]] = []
         for ws in space.weight_settings(layer.channel_axis, weight_bits):

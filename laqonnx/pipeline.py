@@ -29,7 +29,7 @@ from .plan import LayerPlan, Plan, TensorRange
 from .quantizers import PerChannel, PerTensor, weight_qparams
 from .select import Group, Option, select
 
-__all__ = ["quantize", "QuantizeResult", "plan_path_for", "INT4_NOTE"]
+__all__ = ["quantize", "QuantizeResult", "choose", "plan_path_for", "INT4_NOTE"]
 
 INT4_NOTE = (
     "int4 weights are not fused into onnxruntime's int8 CPU kernels: int4 layers run ~4x slower than int8"
@@ -180,7 +180,7 @@ def _groups(scored: Scored, cost_of) -> tuple[list[Group], list[list[str]]]:
     return groups, members
 
 
-def _choose(scored: Scored, pm: PreparedModel, avg_weight_bits: float | None, max_bytes: int | None) -> dict[str, int]:
+def choose(scored: Scored, pm: PreparedModel, avg_weight_bits: float | None, max_bytes: int | None) -> dict[str, int]:
     """layer name -> index of the chosen score."""
     if avg_weight_bits is not None:
         total = sum(int(np.prod(lt.layer.weight_shape)) for lt in scored.layers)
@@ -357,7 +357,7 @@ def quantize(
         scored = score_layers(pm, stats, config, space, weight_bits=bits, progress=progress)
         timings["score"] = time.perf_counter() - t
         t = time.perf_counter()
-        chosen = _choose(scored, pm, avg_weight_bits, max_bytes)
+        chosen = choose(scored, pm, avg_weight_bits, max_bytes)
         timings["select"] = time.perf_counter() - t
         layers = tuple(
             LayerPlan(

@@ -1,0 +1,187 @@
+"""Consistency: the per-layer choice minimises the linearised whole-network bound (brute force).
+
+The whole-network bound is computed here independently of ``objective.py``'s per-layer metric:
+``B(s) = eps2 * (Lambda + sum_l dLambda/dL_l * (Lhat_l(s) - L_l)) + sum_l G_l * q_l(s)`` with
+``dLambda/dL_l`` a finite difference of :func:`network_bounds` (a network-level quantity), ``G_l``
+from the same, and ``q_l`` rebuilt from operator norms of the quantized weights and the calibration
+histograms. The brute force runs over every combination of the layers' candidates.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from laqonnx.calibrate import activation_error, activation_norm, activation_range, collect
+from laqonnx.graph import load_model
+from laqonnx.lipschitz import network_bounds, operator_norm
+from laqonnx.lower import quantized_tensors
+from laqonnx.objective import CandidateSpace, ObjectiveConfig, eps_l2, score_layers
+from laqonnx.pipeline import choose
+from laqonnx.quantizers import PerChannel, PerTensor, quantize_weight
+from tests import models
+
+SPACE = CandidateSpace(
+    weight_bits=(8, 4),
+    granularities=(PerTensor(), PerChannel()),
+    weight_methods=("maxabs", "mse"),
+    activation_methods=("minmax", "percentile"),
+    activation_percentile=99.0,
+)
+BUILDERS = {
+    "mlp": lambda: models.mlp(seed=3),
+    "residual": lambda: models.residual(seed=1, ch=3, hw=5),
+    "concat": lambda: models.concat(seed=2, hw=4),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _prepared(name: str):
+    pm = load_model(BUILDERS[name]())
+    x = models.random_input(pm.model, n=16, seed=5)
+    stats = collect(pm.model, quantized_tensors(pm.model), [x[:8], x[8:]], progress=False)
+    return pm, stats
+
+
+def _setup(name: str, objective: str, eps: float = 0.05):
+    pm, stats = _prepared(name)
+    config = ObjectiveConfig(objective=objective, eps=eps, norm="inf", tol=1e-6, max_iter=2000)
+    return pm, stats, config
+
+
+@functools.lru_cache(maxsize=None)
+def _terms_cached(name: str, bits: tuple[int, ...]):
+    pm, stats = _prepared(name)
+    return _independent_terms(pm, stats, None, bits)
+
+
+def _independent_terms(pm, stats, config, bits):
+    """Per layer: L, derivative, gain, and per candidate (Lhat, q) computed from primitives."""
+    norms = {l.name: operator_norm(l, pm.weight(l), tol=1e-6, max_iter=2000).value for l in pm.layers}
+    base = network_bounds(pm, norms)
+    lam = base.network_bound
+    deriv = {}
+    for l in pm.layers:
+        h = 1e-3 * norms[l.name]
+        hi = network_bounds(pm, {**norms, l.name: norms[l.name] + h}).network_bound
+        lo = network_bounds(pm, {**norms, l.name: norms[l.name] - h}).network_bound
+        deriv[l.name] = (hi - lo) / (2 * h)
+    terms = {}
+    for l in pm.layers:
+        w = pm.weight(l)
+        st = stats[l.input]
+        anorm = activation_norm(st)
+        per = {}
+        for ws in SPACE.weight_settings(l.channel_axis, bits):
+            wq, _ = quantize_weight(w, ws)
+            lhat = operator_norm(l, wq, tol=1e-6, max_iter=2000).value
+            dn = operator_norm(l, w - wq, tol=1e-6, max_iter=2000).value
+            for a in SPACE.activation_settings():
+                e = activation_error(st, *activation_range(st, a), a)
+                per[(ws, a)] = (lhat, base.gains[l.name] * (dn * anorm + lhat * e))
+        terms[l.name] = per
+    return norms, lam, deriv, terms
+
+
+def _bound(objective, e2, norms, lam, deriv, combo):
+    """combo: {layer: (Lhat, q)} -> the linearised whole-network objective."""
+    adv = e2 * (lam + sum(deriv[n] * (lhat - norms[n]) for n, (lhat, _) in combo.items()))
+    quant = sum(q for _, q in combo.values())
+    return {"laq": adv + quant, "mse": quant, "lipschitz": adv}[objective]
+
+
+def _brute(pm, terms, objective, e2, norms, lam, deriv, budget_bits=None):
+    names = [l.name for l in pm.layers]
+    inputs = {l.name: l.input for l in pm.layers}
+    params = {l.name: int(np.prod(l.weight_shape)) for l in pm.layers}
+    best = math.inf
+    for choice in itertools.product(*[list(terms[n]) for n in names]):
+        acts = {}
+        if any(acts.setdefault(inputs[n], c[1]) != c[1] for n, c in zip(names, choice)):
+            continue  # layers reading one tensor share its activation QDQ
+        if budget_bits is not None and sum(params[n] * c[0].bits for n, c in zip(names, choice)) > budget_bits:
+            continue
+        combo = {n: terms[n][c] for n, c in zip(names, choice)}
+        best = min(best, _bound(objective, e2, norms, lam, deriv, combo))
+    return best
+
+
+def _selected_value(pm, scored, chosen, terms, objective, e2, norms, lam, deriv):
+    combo = {}
+    for lt in scored.layers:
+        c = lt.scores[chosen[lt.layer.name]].candidate
+        combo[lt.layer.name] = terms[lt.layer.name][(c.weight, c.activation)]
+    return _bound(objective, e2, norms, lam, deriv, combo)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("objective", ["laq", "mse", "lipschitz"])
+def test_per_layer_choice_minimises_whole_network_bound(name, objective):
+    pm, stats, config = _setup(name, objective)
+    scored = score_layers(pm, stats, config, SPACE, weight_bits=(8,), progress=False)
+    chosen = choose(scored, pm, None, None)
+    norms, lam, deriv, terms = _terms_cached(name, (8,))
+    e2 = eps_l2(config, pm.input_shape)
+    assert scored.network_bound == pytest.approx(lam, rel=1e-6)
+    for lt in scored.layers:  # dLambda/dL_l is the network-level derivative (not Lambda/L_l off a chain)
+        assert lt.derivative == pytest.approx(deriv[lt.layer.name], rel=1e-5)
+    best = _brute(pm, terms, objective, e2, norms, lam, deriv)
+    got = _selected_value(pm, scored, chosen, terms, objective, e2, norms, lam, deriv)
+    assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
+    # the chosen settings are int8
+    assert all(lt.scores[chosen[lt.layer.name]].candidate.weight.bits == 8 for lt in scored.layers)
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual"])
+@pytest.mark.parametrize("avg_bits", [4.5, 6.0, 7.5])
+def test_budgeted_choice_equals_brute_force(name, avg_bits):
+    pm, stats, config = _setup(name, "laq")
+    scored = score_layers(pm, stats, config, SPACE, weight_bits=(8, 4), progress=False)
+    chosen = choose(scored, pm, avg_bits, None)
+    norms, lam, deriv, terms = _terms_cached(name, (8, 4))
+    e2 = eps_l2(config, pm.input_shape)
+    total = sum(int(np.prod(l.weight_shape)) for l in pm.layers)
+    budget = math.floor(avg_bits * total)
+    used = sum(int(np.prod(lt.layer.weight_shape)) * lt.scores[chosen[lt.layer.name]].candidate.weight_bits for lt in scored.layers)
+    assert used <= budget
+    best = _brute(pm, terms, "laq", e2, norms, lam, deriv, budget_bits=budget)
+    got = _selected_value(pm, scored, chosen, terms, "laq", e2, norms, lam, deriv)
+    assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+def test_chain_derivative_is_lambda_over_L():
+    """On a chain, dLambda/dL_l = Lambda / L_l: the adversarial term is eps*Lambda*(Lhat/L - 1)."""
+    pm, stats, config = _setup("mlp", "laq")
+    scored = score_layers(pm, stats, config, SPACE, weight_bits=(8,), progress=False)
+    for lt in scored.layers:
+        assert lt.derivative == pytest.approx(scored.network_bound / lt.operator_norm, rel=1e-9)
+        for s in lt.scores:
+            expected = scored.eps_l2 * scored.network_bound * (s.lhat / lt.operator_norm - 1)
+            assert s.adversarial == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_eps_conversion():
+    assert eps_l2(ObjectiveConfig(eps=0.1, norm="inf"), (1, 3, 4, 4)) == pytest.approx(0.1 * math.sqrt(48))
+    assert eps_l2(ObjectiveConfig(eps=0.1, norm="2"), (1, 3, 4, 4)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(objective="bogus"), dict(norm="1"), dict(eps=-1.0), dict(norm_max_spatial=0), dict(tol=0.0)]
+)
+def test_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        ObjectiveConfig(**kwargs)
+
+
+def test_candidate_space_validation():
+    with pytest.raises(ValueError):
+        CandidateSpace(weight_bits=(3,))
+    with pytest.raises(ValueError):
+        CandidateSpace(activation_methods=())
+    space = CandidateSpace(allow_float=True)
+    assert None in space.weight_settings(0, (8, 32)) and None not in space.weight_settings(0, (8,))
+    assert len(space.weight_settings(0, (8,))) == 6 and len(space.activation_settings()) == 4
