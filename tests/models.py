@@ -123,3 +123,27 @@ def random_input(model_or_shape, n: int = 4, seed: int = 0) -> np.ndarray:
     else:
         shape = tuple(model_or_shape)
     return np.random.default_rng(seed).uniform(0, 1, (n, *shape)).astype(np.float32)
+
+
+def mlp(seed: int = 0, dims: tuple[int, ...] = (16, 12, 8, 5)) -> onnx.ModelProto:
+    """A chain of Gemm(transB) layers with Relu between them, input ``(N, dims[0])``."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "input"
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        inits += [_init(f"w{i}", rng.normal(0, 1 / np.sqrt(a), (b, a))), _init(f"b{i}", rng.normal(0, 0.1, b))]
+        out = "logits" if i == len(dims) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [out], name=f"fc{i}", transB=1))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", dims[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", dims[-1]])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
