@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 __all__ = ["add_parser"]
 
@@ -52,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="channel order the model expects (default: gray for 1-channel models, rgb for 3)")
     p.add_argument("--labels", metavar="FILE", help="text file with one class label per line: adds topk_labels")
     p.add_argument("--top-k", type=_positive, metavar="K", help="number of top classes to output (default min(5, classes))")
-    p.set_defaults(run=_run, _parser=p)
+    p.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -63,8 +64,9 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.output, image_size=args.image_size, resize=args.resize, mean=args.mean,
             std=args.std, channels=args.channels, labels=args.labels, top_k=args.top_k,
         )
-    except ValueError as exc:  # option validation (DeployOptions): report like argparse does
-        args._parser.error(str(exc))
+    except ValueError as exc:  # option validation (DeployOptions): one line, like LaqonnxError in laqonnx.cli
+        print(f"laqonnx deploy: error: {exc}", file=sys.stderr)
+        return 2
     o = result.options
     print(
         f"wrote {result.path}: input {result.input_name} (uint8 encoded PNG/JPEG bytes) -> "
