@@ -213,7 +213,7 @@ def build_deployed_model(model: onnx.ModelProto, options: DeployOptions) -> tupl
     reserved = {INPUT_NAME, "class_index", "topk_scores", "topk_indices", "topk_labels"}
     if _value_names(net) & reserved:
         net = onnx.compose.add_prefix(net, "net_")
-    opset = max(18, *(o.version for o in net.opset_import if o.domain in ("", "ai.onnx")))
+    opset = max([18, *(o.version for o in net.opset_import if o.domain in ("", "ai.onnx"))])
 
     pre: list = [steps.RequireEncodedImage(), ppp.ConvertImageToBGR(), steps.RequireThreeChannels()]
     if opts.channels == "rgb":
