@@ -42,7 +42,7 @@ def digits_cnn() -> tuple[DigitsCNN, onnx.ModelProto, np.ndarray, np.ndarray, np
     net = DigitsCNN()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     x, y = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    for _ in range(8):
+    for _ in range(5):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
             b = perm[i:i + 64]

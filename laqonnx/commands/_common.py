@@ -13,6 +13,8 @@ def parse_fraction(text: str) -> float:
     """A non-negative finite number written as a decimal or a fraction: ``0.03``, ``8/255``, ``1e-2``."""
     raw = str(text).strip()
     try:
+        if raw.count("/") > 1:
+            raise ValueError(raw)
         if "/" in raw:
             num, _, den = raw.partition("/")
             value = float(Fraction(num.strip())) / float(Fraction(den.strip()))
