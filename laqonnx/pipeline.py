@@ -24,7 +24,7 @@ from ._io import atomic_write_json, check_output_path, save_model
 from .errors import DataError, PlanError
 from .graph import PreparedModel, load_model
 from .lower import BASELINES, LoweringSpec, lower, ort_baseline, quantized_tensors
-from .objective import CandidateSpace, ObjectiveConfig, Scored, score_layers
+from .objective import CandidateSpace, ObjectiveConfig, Scored, _torch_threads, score_layers
 from .plan import LayerPlan, Plan, TensorRange
 from .quantizers import PerChannel, PerTensor, weight_qparams
 from .select import Group, Option, select
@@ -94,6 +94,8 @@ def _calibration_batches(pm: PreparedModel, calib: Any, limit: int | None, adver
     """(batch iterator factory, example count, stats label)."""
     from .data import open_data
 
+    if adversarial is True and norm != "inf":
+        raise DataError("generated adversarial calibration is L-inf PGD: with --norm 2 pass --adversarial-calib PATH.npz")
     source = open_data(calib, input_shape=pm.input_shape, split="train", limit=limit)
     if len(source) == 0:
         raise DataError("the calibration data is empty")
@@ -103,11 +105,19 @@ def _calibration_batches(pm: PreparedModel, calib: Any, limit: int | None, adver
     total = len(source) + (len(adv_source) if adv_source is not None else len(source) if adversarial is True else 0)
 
     def batches() -> Iterator[np.ndarray]:
+        mirror = None
         for x, _ in source.batches(_BATCH):
             x = np.ascontiguousarray(x, dtype=np.float32).reshape((-1, *pm.input_shape[1:]))
             yield x
             if adversarial is True:
-                yield _pgd_batch(pm, x, eps, norm)
+                if mirror is None:
+                    from .errors import require
+
+                    require("torch", "robustness")
+                    from .robustness.mirror import build_mirror
+
+                    mirror = build_mirror(pm.model)
+                yield _pgd_batch(mirror, x, eps)
         if adv_source is not None:
             for x, _ in adv_source.batches(_BATCH):
                 yield np.ascontiguousarray(x, dtype=np.float32).reshape((-1, *pm.input_shape[1:]))
@@ -116,27 +126,19 @@ def _calibration_batches(pm: PreparedModel, calib: Any, limit: int | None, adver
     return batches, total, label
 
 
-_MIRRORS: dict[int, Any] = {}
-
-
-def _pgd_batch(pm: PreparedModel, x: np.ndarray, eps: float, norm: str) -> np.ndarray:
-    """PGD-Linf (10 steps) on the float model through the torch mirror, against its own predictions."""
-    if norm != "inf":
-        raise DataError("generated adversarial calibration is L-inf PGD: with --norm 2 pass --adversarial-calib PATH.npz")
+def _pgd_batch(mirror: Any, x: np.ndarray, eps: float) -> np.ndarray:
+    """PGD-Linf (10 steps, seeded) on the float model's torch mirror, against its own predictions."""
     from .errors import require
 
     torch = require("torch", "robustness")
-    from .robustness.mirror import build_mirror
     from .zoo.pgd import pgd
 
-    mirror = _MIRRORS.get(id(pm))
-    if mirror is None:
-        mirror = _MIRRORS.setdefault(id(pm), build_mirror(pm.model))
     xt = torch.from_numpy(x)
-    with torch.no_grad():
+    with torch.no_grad(), _torch_threads(1):
         y = mirror(xt).argmax(1)
     gen = torch.Generator().manual_seed(0)
-    return pgd(mirror, xt, y, eps, steps=10, generator=gen).numpy().astype(np.float32)
+    with _torch_threads(1):
+        return pgd(mirror, xt, y, eps, steps=10, generator=gen).numpy().astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ selection

@@ -260,3 +260,35 @@ def test_cli_writes_model_plan_and_json(tiny, tmp_path, capsys):
     plan = Plan.load(tmp_path / "out.plan.json")
     assert plan.objective == "mse" and plan.eps == pytest.approx(4 / 255)
     assert _run(out, models.random_input((1, 8, 8), n=2)).shape == (2, 10)
+
+
+def test_adversarial_calibration_merges_histograms(tmp_path):
+    from laqonnx.objective import CandidateSpace
+
+    path = tmp_path / "m.onnx"
+    onnx.save(models.cnn(), str(path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "clean.npz", x=rng.uniform(0, 0.5, (16, 1, 8, 8)).astype(np.float32))
+    adv = rng.uniform(0.5, 0.9, (8, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "adv.npz", x=adv)
+    space = CandidateSpace(activation_methods=("minmax",))
+    clean = laqonnx.quantize(path, tmp_path / "c.onnx", str(tmp_path / "clean.npz"), candidates=space, progress=False)
+    merged = laqonnx.quantize(
+        path, tmp_path / "a.onnx", str(tmp_path / "clean.npz"), adversarial_calib=str(tmp_path / "adv.npz"),
+        candidates=space, progress=False,
+    )
+    assert clean.plan.range_map()["input"].rmax <= 0.5
+    assert merged.plan.range_map()["input"].rmax == pytest.approx(float(adv.max()))
+    assert merged.plan.adversarial_calib and "adversarial" in merged.plan.activation_stats
+
+
+def test_generated_adversarial_calibration(tmp_path):
+    pytest.importorskip("torch")
+    path = tmp_path / "m.onnx"
+    onnx.save(models.cnn(), str(path))
+    np.savez(tmp_path / "clean.npz", x=np.full((8, 1, 8, 8), 0.5, dtype=np.float32))
+    space = laqonnx.pipeline.CandidateSpace(activation_methods=("minmax",))
+    res = laqonnx.quantize(path, tmp_path / "a.onnx", str(tmp_path / "clean.npz"), adversarial_calib=True, eps=0.1, candidates=space, progress=False)
+    r = res.plan.range_map()["input"]
+    # PGD moved the constant 0.5 images within the eps ball: the range now spans [0.4, 0.6] (up to rounding)
+    assert r.rmin == pytest.approx(0.4, abs=1e-6) and r.rmax == pytest.approx(0.6, abs=1e-6)
