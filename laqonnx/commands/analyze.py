@@ -1,15 +1,98 @@
-"""`laqonnx analyze` (placeholder until its issue lands)."""
+"""`laqonnx analyze`: per-layer Lipschitz constants, weight-quantization errors, network bound."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from ..errors import ModelError
+
+__all__ = ["add_parser", "parse_shape", "format_table"]
+
+DESCRIPTION = """\
+Analyse a float ONNX model before quantizing it. BatchNormalization is folded into the preceding
+Conv, shapes are inferred, and for every weighted layer (Conv, ConvTranspose, Gemm, MatMul with a
+constant operand) it prints:
+  - the Lipschitz constant: the L2 operator norm of the layer's linear map at its input shape
+    (convolutions: the true operator with its stride, padding, dilation and groups);
+  - the relative weight error ||W - Q(W)|| / ||W|| of symmetric int8 and int4 quantization,
+    per-tensor and per-channel;
+then the whole-network Lipschitz bound (input -> output, over the graph), and warnings: a CPU
+without int8 dot-product instructions (VNNI/AMX), ops without a bound rule, skipped layers."""
+
+EPILOG = """\
+examples:
+  laqonnx analyze model.onnx
+  laqonnx analyze model.onnx --input-shape 1,3,32,32 --json analysis.json"""
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (expected e.g. 1,3,32,32)") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (expected positive sizes, e.g. 1,3,32,32)")
+    return dims
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="(not available yet)")
-    p.set_defaults(run=_run)
+    p = sub.add_parser(
+        "analyze",
+        help="per-layer Lipschitz constants, int8/int4 weight errors and the network bound of a float model",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="the float ONNX model (.onnx; external data next to it is loaded)")
+    p.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        metavar="N,C,H,W",
+        help="input shape, batch first (needed when the model's spatial size is dynamic), e.g. 1,3,32,32",
+    )
+    p.add_argument("--json", metavar="OUT", help="also write the analysis as JSON to OUT")
+    p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of iterative operator norms (default 1e-4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    print("laqonnx analyze is not available in this build yet")
-    return 1
+def _fmt(x: float | None, spec: str = ".4g") -> str:
+    return "unknown" if x is None else format(x, spec)
+
+
+def format_table(analysis) -> str:
+    head = ("layer", "op", "weight shape", "Lipschitz", "method", "int8 T", "int8 C", "int4 T", "int4 C")
+    rows = [head]
+    for x in analysis.layers:
+        e = x.weight_error
+        rows.append((
+            x.name, x.op_type, "x".join(map(str, x.weight_shape)), _fmt(x.lipschitz), x.lipschitz_method,
+            f"{e.int8_per_tensor:.2%}", f"{e.int8_per_channel:.2%}", f"{e.int4_per_tensor:.2%}", f"{e.int4_per_channel:.2%}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 or i == 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("weight error = ||W - Q(W)||/||W||, symmetric max-abs; T per-tensor, C per-channel")
+    shape = ",".join(map(str, analysis.input_shape))
+    lines.append(f"network Lipschitz bound (input {shape} -> output, L2): {_fmt(analysis.network_bound)}")
+    for w in analysis.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._io import atomic_write_json, check_output_path
+    from ..analysis import analyze
+
+    if args.json:
+        check_output_path(args.json, args.model)
+    if args.tol <= 0:
+        raise ModelError(f"--tol must be positive, got {args.tol}")
+    analysis = analyze(args.model, args.input_shape, progress=not args.no_progress, tol=args.tol)
+    print(format_table(analysis))
+    if args.json:
+        atomic_write_json(args.json, analysis.to_json())
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

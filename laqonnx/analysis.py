@@ -1,0 +1,168 @@
+"""The analysis a user sees: per-layer Lipschitz constants and weight-quantization errors.
+
+>>> a = laqonnx.analyze("model.onnx", input_shape=(1, 3, 32, 32))
+>>> a.network_bound, [(x.name, x.lipschitz) for x in a.layers]
+>>> json.dumps(a.to_json())
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import onnx
+
+__all__ = ["LayerAnalysis", "WeightErrors", "Analysis", "analyze"]
+
+
+@dataclass(frozen=True)
+class WeightErrors:
+    """Relative weight error ``||W - Q(W)||_F / ||W||_F`` of symmetric max-abs quantization."""
+
+    int8_per_tensor: float
+    int8_per_channel: float
+    int4_per_tensor: float
+    int4_per_channel: float
+
+
+@dataclass(frozen=True)
+class LayerAnalysis:
+    name: str  # the ONNX node name
+    op_type: str
+    weight: str
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
+    lipschitz: float
+    lipschitz_method: str
+    lipschitz_note: str
+    lipschitz_iterations: int
+    gain: float | None  # bound from this layer's output to the network output
+    weight_error: WeightErrors
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "op_type": self.op_type,
+            "weight": self.weight,
+            "weight_shape": list(self.weight_shape),
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "lipschitz": self.lipschitz,
+            "lipschitz_method": self.lipschitz_method,
+            "lipschitz_note": self.lipschitz_note,
+            "lipschitz_iterations": self.lipschitz_iterations,
+            "gain": self.gain,
+            "weight_error": {k: getattr(self.weight_error, k) for k in WeightErrors.__dataclass_fields__},
+        }
+
+
+@dataclass(frozen=True)
+class Analysis:
+    model: str | None  # the model path, or None for an in-memory ModelProto
+    input_shape: tuple[int, ...]
+    layers: tuple[LayerAnalysis, ...]
+    network_bound: float | None
+    unknown_ops: tuple[str, ...]
+    skipped: tuple[tuple[str, str, str], ...]  # (node name, op type, reason)
+    warnings: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "layers": [layer.to_json() for layer in self.layers],
+            "network_bound": self.network_bound,
+            "unknown_ops": list(self.unknown_ops),
+            "skipped": [{"name": n, "op_type": o, "reason": r} for n, o, r in self.skipped],
+            "warnings": list(self.warnings),
+        }
+
+
+def _weight_errors(w, axis: int) -> WeightErrors:
+    from .quantizers import PerChannel, PerTensor, WeightQuant, relative_weight_error
+
+    def err(bits: int, gran) -> float:
+        return relative_weight_error(w, WeightQuant(bits=bits, granularity=gran, method="maxabs"))
+
+    return WeightErrors(
+        int8_per_tensor=err(8, PerTensor()),
+        int8_per_channel=err(8, PerChannel(axis=axis)),
+        int4_per_tensor=err(4, PerTensor()),
+        int4_per_channel=err(4, PerChannel(axis=axis)),
+    )
+
+
+def _cpu_warning() -> str | None:
+    try:
+        from .latency import cpu_info
+    except ImportError:  # a build without the latency module: read the flags ourselves
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                flags = set(fh.read().lower().split())
+        except OSError:
+            return None
+        if flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}:
+            return None
+        return "this CPU has no VNNI or AMX int8 instructions: int8 may not be faster than float here"
+    return cpu_info().int8_warning()
+
+
+def analyze(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    input_shape: Sequence[int] | None = None,
+    *,
+    progress: bool = True,
+    tol: float = 1e-4,
+    max_iter: int = 500,
+) -> Analysis:
+    """Per-layer Lipschitz constants, weight errors and the whole-network bound of ``model``.
+
+    ``input_shape`` (batch first, e.g. ``(1, 3, 32, 32)``) is required when the model's input has
+    a dynamic size other than the batch. Raises :class:`laqonnx.errors.ModelError` on bad input.
+    """
+    from tqdm import tqdm
+
+    from .graph import load_model
+    from .lipschitz import network_bounds, operator_norm
+
+    pm = load_model(model, input_shape)
+    norms = {}
+    for layer in tqdm(pm.layers, desc="operator norms", unit="layer", disable=not progress, leave=False):
+        norms[layer.name] = operator_norm(layer, pm.weight(layer), tol=tol, max_iter=max_iter)
+    bounds = network_bounds(pm, {k: v.value for k, v in norms.items()})
+    layers = tuple(
+        LayerAnalysis(
+            name=layer.name,
+            op_type=layer.op_type,
+            weight=layer.weight,
+            weight_shape=tuple(layer.weight_shape),
+            input_shape=layer.input_shape,
+            lipschitz=norms[layer.name].value,
+            lipschitz_method=norms[layer.name].method,
+            lipschitz_note=norms[layer.name].note,
+            lipschitz_iterations=norms[layer.name].iterations,
+            gain=bounds.gains.get(layer.name),
+            weight_error=_weight_errors(pm.weight(layer), layer.channel_axis),
+        )
+        for layer in pm.layers
+    )
+    warnings: list[str] = []
+    cpu = _cpu_warning()
+    if cpu:
+        warnings.append(cpu)
+    for op in bounds.unknown_ops:
+        warnings.append(f"no Lipschitz rule for {op}: the bound downstream of it is unknown")
+    for s in pm.skipped:
+        warnings.append(f"skipped {s.name} ({s.op_type}): {s.reason}")
+    for x in layers:
+        if x.lipschitz_note:
+            warnings.append(f"{x.name}: {x.lipschitz_note}")
+    return Analysis(
+        model=pm.source,
+        input_shape=pm.input_shape,
+        layers=layers,
+        network_bound=bounds.network_bound,
+        unknown_ops=bounds.unknown_ops,
+        skipped=tuple((s.name, s.op_type, s.reason) for s in pm.skipped),
+        warnings=tuple(warnings),
+    )
