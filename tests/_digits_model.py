@@ -39,6 +39,8 @@ def digits_cnn() -> tuple[DigitsCNN, onnx.ModelProto, np.ndarray, np.ndarray, np
     xte, yte = load_digits(8, "test")
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model trains fastest on one thread, above all on a loaded machine
     net = DigitsCNN()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     x, y = torch.from_numpy(xtr), torch.from_numpy(ytr)
@@ -49,6 +51,7 @@ def digits_cnn() -> tuple[DigitsCNN, onnx.ModelProto, np.ndarray, np.ndarray, np
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(x[b]), y[b]).backward()
             opt.step()
+    torch.set_num_threads(threads)
     net.eval()
     return net, export(net, torch.zeros(1, 1, 8, 8)), xte, yte, xtr[:128].copy()
 

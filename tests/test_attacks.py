@@ -20,6 +20,15 @@ from laqonnx.robustness.ort_estimator import OrtModel, ort_classifier
 from tests._digits_model import digits_cnn
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """As evaluate() does: tiny models attack fastest on one thread (and the machine is shared)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _hand_pgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, norm: str,
               seed: int) -> torch.Tensor:
     """Plain-torch PGD (random start, Madry step 2.5 eps / steps), written independently of ART."""

@@ -49,7 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="float model on which transfer attacks are crafted (usually the un-quantized original)")
     p.add_argument("--limit", type=_positive, metavar="N", help="evaluate only the first N examples")
     p.add_argument("--batch-size", type=_positive, default=128, metavar="B", help="attack batch size (default: 128)")
-    p.add_argument("--threads", type=_positive, metavar="T", help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--threads", type=_positive, metavar="T",
+                   help="onnxruntime and torch threads of the attacks (default: 1) and of the latency "
+                        "measurement (default: physical cores)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the attacks (default: 0)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")

@@ -9,6 +9,7 @@ robust-accuracy-versus-eps sweep (PGD on the mirror + transfer) for the report's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -146,6 +147,18 @@ class _Bar:
         self.bar.update(n)
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _mirror_art(model: onnx.ModelProto, shape: tuple[int, ...], classes: int) -> Any:
     from .mirror import build_mirror, mirror_classifier
 
@@ -169,7 +182,7 @@ def _evaluate_one(model: Any, name: str, x: np.ndarray, y: np.ndarray, attacks: 
     from .ort_estimator import OrtModel, load_model, ort_classifier
 
     proto = load_model(model)
-    ort = OrtModel(proto, threads=opts["threads"])
+    ort = OrtModel(proto, threads=opts["threads"] or 1)
     shape = ort.sample_shape(tuple(x.shape[1:]))
     logits = ort.predict(x, opts["batch_size"])
     classes = logits.shape[1]
@@ -254,6 +267,11 @@ def evaluate(
     is the float model used for transfer attacks. ``sweep`` (default: on iff ``report_dir``)
     adds robust accuracy at 0, 0.25, 0.5, 1 and 1.5 x eps. ``report_dir`` writes the Markdown +
     PNG report through :func:`laqonnx.report.write_report`. Seeds numpy's and torch's global RNGs.
+
+    ``threads`` is the number of onnxruntime and torch threads used by the attacks (default 1:
+    attacks run small batches where per-op overhead dominates, and multi-threaded torch was
+    measured 10-50x slower on a loaded 2-core machine); the latency measurement uses ``threads``
+    if given, else :func:`laqonnx.latency.measure_latency`'s default (physical cores).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
@@ -270,22 +288,25 @@ def evaluate(
         raise ValueError("give at least one model")
     from .ort_estimator import OrtModel, load_model
 
-    first = OrtModel(load_model(model_list[0]), threads=threads)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, not {threads}")
+    first = OrtModel(load_model(model_list[0]), threads=threads or 1)
     x, y = _load_data(data, first.declared_shape, limit)
     opts = {"threads": threads, "batch_size": batch_size, "seed": seed, "progress": progress, "latency": latency,
             "sweep": bool(report_dir) if sweep is None else sweep}
     reference_art, ref_name = None, None
-    if reference is not None and "transfer" in names:
-        ref = OrtModel(load_model(reference), threads=threads)
-        ref_name = _name(reference, 0)
-        reference_art = _mirror_art(ref.model, ref.sample_shape(tuple(x.shape[1:])), ref.predict(x[:1]).shape[1])
     evaluations = []
-    for i, model in enumerate(model_list):
-        name = _name(model, i)
-        same = reference is not None and not isinstance(model, onnx.ModelProto) and not isinstance(reference, onnx.ModelProto) \
-            and Path(model).resolve() == Path(reference).resolve()
-        ref_reason = "the model is the float reference itself" if same else None
-        evaluations.append(_evaluate_one(model, name, x, y, names, threat, chosen, reference_art, ref_reason, opts))
+    with _torch_threads(threads or 1):
+        if reference is not None and "transfer" in names:
+            ref = OrtModel(load_model(reference), threads=threads or 1)
+            ref_name = _name(reference, 0)
+            reference_art = _mirror_art(ref.model, ref.sample_shape(tuple(x.shape[1:])), ref.predict(x[:1]).shape[1])
+        for i, model in enumerate(model_list):
+            name = _name(model, i)
+            same = (reference is not None and not isinstance(model, onnx.ModelProto)
+                    and not isinstance(reference, onnx.ModelProto) and Path(model).resolve() == Path(reference).resolve())
+            ref_reason = "the model is the float reference itself" if same else None
+            evaluations.append(_evaluate_one(model, name, x, y, names, threat, chosen, reference_art, ref_reason, opts))
     report = EvaluationReport(eps=threat.eps, norm=threat.norm, preset=preset, attacks=names,
                               models=tuple(evaluations), reference=ref_name, seed=seed)
     if report_dir is not None:
