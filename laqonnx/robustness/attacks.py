@@ -79,14 +79,15 @@ class Preset:
 ATTACK_NAMES: tuple[str, ...] = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer", "square", "hsj")
 
 PRESETS: dict[str, Preset] = {
-    # ~200 digits examples: a few seconds on 2 cores; thorough is meant to run for a long time.
-    "quick": Preset("quick", ("fgsm", "pgd", "apgd-ce", "transfer", "square"), pgd_steps=10, pgd_restarts=1,
-                    apgd_steps=20, apgd_restarts=1, square_queries=300, square_restarts=1,
+    # Sized on a digits CNN with 200 examples, 1 thread (benchmarks/evaluate_throughput.py):
+    # quick ~seconds, standard well under a few minutes, thorough meant to run for long.
+    "quick": Preset("quick", ("fgsm", "pgd", "apgd-ce", "transfer", "square"), pgd_steps=20, pgd_restarts=1,
+                    apgd_steps=50, apgd_restarts=1, square_queries=1000, square_restarts=1,
                     hsj_iters=5, hsj_max_eval=200, hsj_init_eval=20),
-    "standard": Preset("standard", ATTACK_NAMES, pgd_steps=40, pgd_restarts=3, apgd_steps=50, apgd_restarts=2,
-                       square_queries=1000, square_restarts=1, hsj_iters=10, hsj_max_eval=500, hsj_init_eval=50),
-    "thorough": Preset("thorough", ATTACK_NAMES, pgd_steps=100, pgd_restarts=10, apgd_steps=100,
-                       apgd_restarts=5, square_queries=5000, square_restarts=2, hsj_iters=40,
+    "standard": Preset("standard", ATTACK_NAMES, pgd_steps=50, pgd_restarts=5, apgd_steps=100, apgd_restarts=2,
+                       square_queries=5000, square_restarts=1, hsj_iters=20, hsj_max_eval=1000, hsj_init_eval=100),
+    "thorough": Preset("thorough", ATTACK_NAMES, pgd_steps=100, pgd_restarts=20, apgd_steps=200,
+                       apgd_restarts=5, square_queries=10000, square_restarts=3, hsj_iters=50,
                        hsj_max_eval=5000, hsj_init_eval=100),
 }
 
