@@ -1,0 +1,136 @@
+"""Benchmark: `laqonnx.analyze` on a ResNet-18-shaped model (random weights, BN folded, 3x224x224).
+
+Run: python benchmarks/analyze_resnet18.py [--quick] [--runs N] [--threads T]
+Writes benchmarks/results/analyze_resnet18.json and prints a summary. Target: <= 5 s on 2 cores.
+The model is built with onnx.helper (no torchvision): conv1 7x7/2 + maxpool, 4 stages of two basic
+blocks (64, 128, 256, 512 channels; 1x1/2 projection shortcuts), global average pool, fc 1000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def resnet18(size: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int, name: str, relu: bool = True) -> str:
+        w = rng.normal(0, np.sqrt(2.0 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}.weight"))
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.01, cout).astype(np.float32), f"{name}.bias"))
+        p = k // 2
+        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [name], name=name,
+                                      kernel_shape=[k, k], strides=[stride, stride], pads=[p, p, p, p]))
+        if not relu:
+            return name
+        nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"], name=f"{name}.relu"))
+        return f"{name}.relu"
+
+    x = conv("input", 3, 64, 7, 2, "conv1")
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], name="maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    x, cin = "pool", 64
+    for stage, cout in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            stride = 2 if stage > 1 and block == 0 else 1
+            name = f"layer{stage}.{block}"
+            h = conv(x, cin, cout, 3, stride, f"{name}.conv1")
+            h = conv(h, cout, cout, 3, 1, f"{name}.conv2", relu=False)
+            skip = conv(x, cin, cout, 1, stride, f"{name}.downsample", relu=False) if stride != 1 or cin != cout else x
+            nodes.append(helper.make_node("Add", [h, skip], [f"{name}.add"], name=f"{name}.add"))
+            nodes.append(helper.make_node("Relu", [f"{name}.add"], [f"{name}.out"], name=f"{name}.relu"))
+            x, cin = f"{name}.out", cout
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="avgpool"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1))
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.04, (classes, 512)).astype(np.float32), "fc.weight"))
+    inits.append(numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias"))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(
+        nodes, "resnet18",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="112x112 input, 3 runs (a smoke test, not the target)")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs (median reported); default 3")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads; default 2")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "analyze_resnet18.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import laqonnx
+    from laqonnx.lipschitz import network_bounds, operator_norm
+    from laqonnx.graph import load_model
+
+    torch.set_num_threads(args.threads)
+    size = 112 if args.quick else 224
+    model = resnet18(size)
+    times, stage = [], {"load": [], "norms": [], "bounds": []}
+    result = None
+    for _ in range(max(1, args.runs)):
+        t0 = time.perf_counter()
+        result = laqonnx.analyze(model, progress=False)
+        times.append(time.perf_counter() - t0)
+        # the stages on their own (same work, timed separately)
+        t0 = time.perf_counter()
+        pm = load_model(model)
+        t1 = time.perf_counter()
+        norms = {layer.name: operator_norm(layer, pm.weight(layer)).value for layer in pm.layers}
+        t2 = time.perf_counter()
+        network_bounds(pm, norms)
+        t3 = time.perf_counter()
+        stage["load"].append(t1 - t0)
+        stage["norms"].append(t2 - t1)
+        stage["bounds"].append(t3 - t2)
+    assert result is not None
+    methods: dict[str, int] = {}
+    for layer in result.layers:
+        methods[layer.lipschitz_method] = methods.get(layer.lipschitz_method, 0) + 1
+    summary = {
+        "benchmark": "analyze_resnet18",
+        "command": "python benchmarks/analyze_resnet18.py" + (" --quick" if args.quick else "") + f" --runs {args.runs} --threads {args.threads}",
+        "input_shape": [1, 3, size, size],
+        "layers": len(result.layers),
+        "methods": methods,
+        "runs_s": [round(t, 3) for t in times],
+        "median_s": round(statistics.median(times), 3),
+        "stage_median_s": {k: round(statistics.median(v), 3) for k, v in stage.items()},
+        "network_bound": result.network_bound,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "note": "shared machine (~6 other engineers' jobs on 2 cores): timings are noisy",
+        "target_s": 5.0,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"analyze ResNet-18 {size}x{size}: median {summary['median_s']} s over {len(times)} runs "
+          f"(runs {summary['runs_s']}), stages {summary['stage_median_s']}, methods {methods} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Operator norms against explicit operator matrices from onnxruntime; network bounds against
+empirical Lipschitz estimates and exact linear cases; unknown ops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from laqonnx.graph import load_model
+from laqonnx.lipschitz import network_bounds, operator_norm
+from tests import models
+
+
+def _out(name: str, rank: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"d{i}" for i in range(rank)])
+
+
+def _single(op: str, in_shape, w: np.ndarray, extra_nodes=(), out_name="y", **attrs) -> onnx.ModelProto:
+    """input (N, *in_shape) -> op(weight) [-> extra nodes] ; output ``out_name``."""
+    nodes = [helper.make_node(op, ["input", "w"], ["y"], name="layer", **attrs), *extra_nodes]
+    graph = helper.make_graph(
+        nodes, "single",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_shape])],
+        [_out(out_name, 1 + len(in_shape))],
+        initializer=[numpy_helper.from_array(w.astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _explicit_sigma(model: onnx.ModelProto, in_shape) -> float:
+    """Largest singular value of the model's (linear) map, from onnxruntime on the basis vectors."""
+    n = int(np.prod(in_shape))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    eye = np.eye(n, dtype=np.float32).reshape(n, *in_shape)
+    zero = sess.run(None, {"input": np.zeros((1, *in_shape), np.float32)})[0].reshape(1, -1)
+    m = sess.run(None, {"input": eye})[0].reshape(n, -1) - zero  # remove any bias
+    return float(np.linalg.svd(m.astype(np.float64), compute_uv=False)[0])
+
+
+rng = np.random.default_rng(0)
+
+CONV_CASES = {
+    "stride1-pad1": ("Conv", (3, 6, 6), (4, 3, 3, 3), dict(pads=[1, 1, 1, 1])),
+    "stride2-pad1": ("Conv", (3, 7, 7), (4, 3, 3, 3), dict(pads=[1, 1, 1, 1], strides=[2, 2])),
+    "asym-pads": ("Conv", (2, 6, 5), (3, 2, 3, 2), dict(pads=[0, 1, 2, 0], strides=[1, 2])),
+    "no-pad": ("Conv", (2, 6, 6), (3, 2, 3, 3), dict()),
+    "dilation2": ("Conv", (2, 8, 8), (3, 2, 3, 3), dict(pads=[2, 2, 2, 2], dilations=[2, 2])),
+    "groups2": ("Conv", (4, 6, 6), (6, 2, 3, 3), dict(pads=[1, 1, 1, 1], group=2)),
+    "depthwise-stride2": ("Conv", (4, 7, 7), (4, 1, 3, 3), dict(pads=[1, 1, 1, 1], group=4, strides=[2, 2])),
+    "same-upper-stride2": ("Conv", (2, 8, 8), (3, 2, 3, 3), dict(auto_pad="SAME_UPPER", strides=[2, 2])),
+    "same-lower": ("Conv", (2, 7, 7), (3, 2, 4, 4), dict(auto_pad="SAME_LOWER")),
+    "valid": ("Conv", (2, 7, 7), (3, 2, 3, 3), dict(auto_pad="VALID", strides=[2, 2])),
+    "conv1d": ("Conv", (3, 12), (4, 3, 5), dict(pads=[2, 1], strides=[2])),
+    "conv3d": ("Conv", (2, 4, 4, 4), (2, 2, 3, 3, 3), dict(pads=[1, 1, 1, 1, 1, 1])),
+    "convT-stride2": ("ConvTranspose", (3, 5, 5), (3, 2, 3, 3), dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])),
+    "convT-groups-asym": ("ConvTranspose", (4, 4, 4), (4, 1, 3, 2), dict(group=2, pads=[0, 1, 1, 0], strides=[2, 1])),
+    "convT-same-upper": ("ConvTranspose", (2, 4, 4), (2, 3, 3, 3), dict(auto_pad="SAME_UPPER", strides=[2, 2])),
+    "convT-1d-dilated": ("ConvTranspose", (2, 9), (2, 3, 3), dict(dilations=[2], pads=[1, 2])),
+    # 8 x 24 x 24 = 4608 input elements: above the explicit-SVD limit, so Lanczos iteration
+    "lanczos-stride2": ("Conv", (8, 24, 24), (8, 8, 3, 3), dict(pads=[1, 1, 1, 1], strides=[2, 2])),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_operator_norm_matches_explicit_operator(case):
+    op, in_shape, w_shape, attrs = CONV_CASES[case]
+    w = np.random.default_rng(len(case)).normal(0, 0.5, w_shape)
+    model = _single(op, in_shape, w, **attrs)
+    pm = load_model(model)
+    (layer,) = pm.layers
+    norm = operator_norm(layer, pm.weight(layer))
+    expected = _explicit_sigma(model, in_shape)
+    assert norm.value == pytest.approx(expected, rel=1e-3)
+    assert norm.method == ("lanczos" if case.startswith("lanczos") else "svd")
+    if case.startswith("lanczos"):
+        assert 1 <= norm.iterations <= 500
+        # a warm start from the float vector converges on a perturbed weight in fewer steps
+        w2 = pm.weight(layer) * (1 + 0.01 * np.random.default_rng(1).standard_normal(w_shape)).astype(np.float32)
+        cold = operator_norm(layer, w2)
+        warm = operator_norm(layer, w2, init=norm.vector)
+        assert warm.value == pytest.approx(cold.value, rel=1e-3)
+        assert warm.iterations < cold.iterations
+
+
+@pytest.mark.parametrize("case", ["stride1-pad1", "stride2-pad1", "dilation2", "groups2", "conv1d", "convT-stride2"])
+def test_reshaped_bound_without_shape_is_an_upper_bound(case):
+    op, in_shape, w_shape, attrs = CONV_CASES[case]
+    w = np.random.default_rng(len(case)).normal(0, 0.5, w_shape)
+    model = _single(op, in_shape, w, **attrs)
+    pm = load_model(model)
+    layer = dataclasses.replace(pm.layers[0], input_shape=None)
+    bound = operator_norm(layer, pm.weight(layer))
+    assert bound.method == "reshaped-bound" and "input shape is unknown" in bound.note
+    assert bound.value >= _explicit_sigma(model, in_shape) * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha", [1.0, -0.5])
+def test_gemm_norm_is_spectral_norm(trans_b, alpha):
+    w = rng.normal(0, 1, (7, 5) if trans_b else (5, 7))
+    model = _single("Gemm", (5,), w, transB=trans_b, alpha=alpha)
+    pm = load_model(model)
+    norm = operator_norm(pm.layers[0], pm.weight(pm.layers[0]))
+    assert norm.value == pytest.approx(abs(alpha) * np.linalg.norm(w, 2), rel=1e-6)
+    assert norm.value == pytest.approx(_explicit_sigma(model, (5,)), rel=1e-5)
+
+
+def test_matmul_norm_is_spectral_norm():
+    w = rng.normal(0, 1, (6, 3))
+    model = _single("MatMul", (4, 6), w)  # batched rows: (N, 4, 6) @ (6, 3)
+    pm = load_model(model)
+    layer = pm.layers[0]
+    assert layer.channel_axis == 1
+    assert operator_norm(layer, pm.weight(layer)).value == pytest.approx(np.linalg.norm(w, 2), rel=1e-6)
+    assert operator_norm(layer, pm.weight(layer)).value == pytest.approx(_explicit_sigma(model, (4, 6)), rel=1e-5)
+
+
+# ---------------------------------------------------------------- network bounds
+
+
+def _norms(pm):
+    return {layer.name: operator_norm(layer, pm.weight(layer)).value for layer in pm.layers}
+
+
+def _torch_forward(model: onnx.ModelProto):
+    """An independent torch reimplementation of the small float graphs used here (no onnxruntime)."""
+    inits = {t.name: torch.tensor(numpy_helper.to_array(t), dtype=torch.float64) for t in model.graph.initializer}
+    F = torch.nn.functional
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        env = {"input": x}
+        for node in model.graph.node:
+            a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+            ins = [env[n] if n in env else inits[n] for n in node.input if n]
+            if node.op_type == "Conv":
+                p = a.get("pads", [0, 0, 0, 0])
+                y = F.conv2d(F.pad(ins[0], [p[1], p[3], p[0], p[2]]), ins[1], ins[2] if len(ins) > 2 else None,
+                             stride=a.get("strides", [1, 1]), dilation=a.get("dilations", [1, 1]))
+            elif node.op_type == "Relu":
+                y = F.relu(ins[0])
+            elif node.op_type == "Add":
+                y = ins[0] + ins[1]
+            elif node.op_type == "Concat":
+                y = torch.cat(ins, dim=a["axis"])
+            elif node.op_type == "GlobalAveragePool":
+                y = ins[0].mean(dim=(2, 3), keepdim=True)
+            elif node.op_type == "Flatten":
+                y = ins[0].flatten(1)
+            elif node.op_type == "MatMul":
+                y = ins[0] @ ins[1]
+            elif node.op_type == "Gemm":
+                b = ins[1].T if a.get("transB") else ins[1]
+                y = ins[0] @ b + (ins[2] if len(ins) > 2 else 0)
+            else:
+                raise AssertionError(node.op_type)
+            env[node.output[0]] = y
+        return env[model.graph.output[0].name]
+
+    return run
+
+
+def _empirical_lipschitz(f, shape, seed: int = 0, restarts: int = 6, steps: int = 150) -> float:
+    """max ||f(x)-f(y)|| / ||x-y|| over pairs found by gradient ascent, and max local Jacobian norm."""
+    g = torch.Generator().manual_seed(seed)
+    best = 0.0
+    for _ in range(restarts):
+        x = torch.rand((1, *shape), generator=g, dtype=torch.float64).requires_grad_(True)
+        d = (1e-2 * torch.randn((1, *shape), generator=g, dtype=torch.float64)).requires_grad_(True)
+        opt = torch.optim.Adam([x, d], lr=1e-2)
+        for _ in range(steps):
+            ratio = (f(x + d) - f(x)).norm() / d.norm()
+            best = max(best, float(ratio.detach()))
+            opt.zero_grad()
+            (-ratio).backward()
+            opt.step()
+        jac = torch.autograd.functional.jacobian(f, x.detach()).reshape(-1, int(np.prod(shape)))
+        best = max(best, float(torch.linalg.matrix_norm(jac, 2)))
+    return best
+
+
+@pytest.mark.parametrize("build", [models.residual, models.concat, models.cnn])
+def test_network_bound_is_above_empirical_lipschitz(build):
+    model = build()
+    f = _torch_forward(model)
+    x = models.random_input(model, n=2)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(f(torch.tensor(x, dtype=torch.float64)).detach().numpy(), sess.run(None, {"input": x})[0], atol=1e-4)
+    pm = load_model(model)
+    bounds = network_bounds(pm, _norms(pm))
+    empirical = _empirical_lipschitz(f, x.shape[1:])
+    assert bounds.network_bound is not None and bounds.unknown_ops == ()
+    assert bounds.network_bound >= empirical
+    assert empirical > 0.0
+
+
+def _linear_chain(n_layers: int) -> onnx.ModelProto:
+    g = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["input", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(g.normal(0, 0.5, (3, 2, 3, 3)).astype(np.float32), "w0")]
+    last = "c0"
+    if n_layers > 1:
+        nodes += [
+            helper.make_node("Conv", ["c0", "w1"], ["c1"], name="conv1", strides=[2, 2]),
+            helper.make_node("Flatten", ["c1"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", "w2"], ["fc"], name="fc", transB=1),
+        ]
+        inits += [numpy_helper.from_array(g.normal(0, 0.5, (4, 3, 2, 2)).astype(np.float32), "w1"),
+                  numpy_helper.from_array(g.normal(0, 0.3, (5, 36)).astype(np.float32), "w2")]
+        last = "fc"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 6, 6])],
+                              [_out(last, 2 if last == "fc" else 4)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_linear_chain_bound_is_product_of_norms_and_single_layer_is_attained():
+    chain = _linear_chain(3)
+    pm = load_model(chain)
+    norms = _norms(pm)
+    bounds = network_bounds(pm, norms)
+    assert bounds.network_bound == pytest.approx(np.prod(list(norms.values())), rel=1e-12)
+    assert bounds.network_bound >= _explicit_sigma(chain, (2, 6, 6))
+    assert bounds.gains["conv0"] == pytest.approx(norms["conv1"] * norms["fc"], rel=1e-12)
+    assert bounds.upstream["fc"] == pytest.approx(norms["conv0"] * norms["conv1"], rel=1e-12)
+    single = _linear_chain(1)
+    pm1 = load_model(single)
+    b1 = network_bounds(pm1, _norms(pm1))
+    assert b1.network_bound == pytest.approx(_explicit_sigma(single, (2, 6, 6)), rel=1e-3)
+
+
+def _op_after_identity_matmul(op_node, in_shape, extra_inits=()):
+    """input -> op -> Flatten -> MatMul(identity): the network bound is the op's rule alone."""
+    sess_model = helper.make_model(helper.make_graph(
+        [op_node], "probe", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_shape])],
+        [_out("o", 1 + len(in_shape))], initializer=list(extra_inits)),
+        opset_imports=[helper.make_opsetid("", 17)])
+    sess_model.ir_version = 8
+    out = ort.InferenceSession(sess_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": np.zeros((1, *in_shape), np.float32)})[0]
+    n_out = int(np.prod(out.shape[1:]))
+    nodes = [op_node, helper.make_node("Flatten", ["o"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "eye"], ["logits"], name="mm")]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_shape])],
+                              [_out("logits", 2)],
+                              initializer=[*extra_inits, numpy_helper.from_array(np.eye(n_out, dtype=np.float32), "eye")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+C = numpy_helper.from_array(np.array([[[[0.5]], [[-3.0]]]], np.float32), "c")
+RULE_CASES = {
+    "sigmoid": (helper.make_node("Sigmoid", ["input"], ["o"], name="op"), (2, 3, 3), (), 0.25),
+    "leaky-alpha2": (helper.make_node("LeakyRelu", ["input"], ["o"], name="op", alpha=2.0), (2, 3, 3), (), 2.0),
+    "mul-const": (helper.make_node("Mul", ["input", "c"], ["o"], name="op"), (2, 3, 3), (C,), 3.0),
+    "div-const": (helper.make_node("Div", ["input", "c"], ["o"], name="op"), (2, 3, 3), (C,), 2.0),
+    "add-const": (helper.make_node("Add", ["c", "input"], ["o"], name="op"), (2, 3, 3), (C,), 1.0),
+    "concat-self": (helper.make_node("Concat", ["input", "input"], ["o"], name="op", axis=1), (2, 3, 3), (), np.sqrt(2)),
+    "maxpool-overlap": (helper.make_node("MaxPool", ["input"], ["o"], name="op", kernel_shape=[3, 3], strides=[2, 2]), (1, 7, 7), (), np.sqrt(4)),
+    "maxpool-disjoint": (helper.make_node("MaxPool", ["input"], ["o"], name="op", kernel_shape=[2, 2], strides=[2, 2]), (1, 6, 6), (), 1.0),
+    "gap": (helper.make_node("GlobalAveragePool", ["input"], ["o"], name="op"), (2, 4, 5), (), "explicit"),
+    "avgpool-overlap": (helper.make_node("AveragePool", ["input"], ["o"], name="op", kernel_shape=[3, 3], strides=[1, 1]), (1, 6, 6), (), "explicit"),
+    "avgpool-pads": (helper.make_node("AveragePool", ["input"], ["o"], name="op", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), (2, 7, 7), (), "explicit"),
+    "avgpool-include-pad": (helper.make_node("AveragePool", ["input"], ["o"], name="op", kernel_shape=[2, 3], strides=[2, 1], pads=[0, 1, 1, 1], count_include_pad=1), (1, 5, 6), (), "explicit"),
+}
+
+
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_op_rules(case):
+    node, in_shape, inits, expected = RULE_CASES[case]
+    model = _op_after_identity_matmul(node, in_shape, inits)
+    pm = load_model(model)
+    bound = network_bounds(pm, _norms(pm)).network_bound
+    if expected == "explicit":  # linear ops: the bound is the exact operator norm
+        expected = _explicit_sigma(model, in_shape)
+    assert bound == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["Erf", "custom"])
+def test_unknown_op_makes_downstream_unknown_and_names_it(kind):
+    model = models.cnn()
+    nodes = list(model.graph.node)
+    i = [n.name for n in nodes].index("relu2")
+    if kind == "Erf":
+        odd = helper.make_node("Erf", ["c2"], ["r2"], name="odd")
+    else:
+        odd = helper.make_node("Swish", ["c2"], ["r2"], name="odd", domain="com.example")
+        model.opset_import.append(helper.make_opsetid("com.example", 1))
+    nodes[i] = odd
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    pm = load_model(model)
+    bounds = network_bounds(pm, _norms(pm))
+    assert bounds.network_bound is None
+    assert len(bounds.unknown_ops) == 1 and bounds.unknown_ops[0].startswith("odd (")
+    assert bounds.gains["conv1"] is None and bounds.gains["conv2"] is None
+    assert bounds.gains["fc"] == 1.0 and bounds.upstream["conv2"] is not None and bounds.upstream["fc"] is None
