@@ -1,7 +1,8 @@
 """Reference data and models for the demo, tests and benchmarks.
 
 ``laqonnx.zoo.digits`` needs only numpy and scikit-learn; the models, training, export and cache
-need torch (``pip install 'laqonnx[robustness]'``) and are imported lazily.
+need torch (``pip install 'laqonnx[robustness]'``) and are imported lazily. The training function
+is ``laqonnx.zoo.train.train`` (the submodule ``train`` is not shadowed by the function).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ _API: dict[str, str] = {
     "build_model": "laqonnx.zoo.models",
     "TrainConfig": "laqonnx.zoo.train",
     "TrainedModel": "laqonnx.zoo.train",
-    "train": "laqonnx.zoo.train",
     "export_onnx": "laqonnx.zoo.export",
     "ZooModel": "laqonnx.zoo.cache",
     "get_model": "laqonnx.zoo.cache",
+    "get_random_model": "laqonnx.zoo.cache",
+    "default_config": "laqonnx.zoo.train",
 }
 
 __all__ = ["load_digits", *_API]
