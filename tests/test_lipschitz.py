@@ -168,21 +168,21 @@ def _torch_forward(model: onnx.ModelProto):
     return run
 
 
-def _empirical_lipschitz(f, shape, seed: int = 0, restarts: int = 6, steps: int = 150) -> float:
+def _empirical_lipschitz(f, shape, seed: int = 0, pairs: int = 8, steps: int = 40) -> float:
     """max ||f(x)-f(y)|| / ||x-y|| over pairs found by gradient ascent, and max local Jacobian norm."""
     g = torch.Generator().manual_seed(seed)
+    x = torch.rand((pairs, *shape), generator=g, dtype=torch.float64).requires_grad_(True)
+    d = (1e-2 * torch.randn((pairs, *shape), generator=g, dtype=torch.float64)).requires_grad_(True)
+    opt = torch.optim.Adam([x, d], lr=1e-2)
     best = 0.0
-    for _ in range(restarts):
-        x = torch.rand((1, *shape), generator=g, dtype=torch.float64).requires_grad_(True)
-        d = (1e-2 * torch.randn((1, *shape), generator=g, dtype=torch.float64)).requires_grad_(True)
-        opt = torch.optim.Adam([x, d], lr=1e-2)
-        for _ in range(steps):
-            ratio = (f(x + d) - f(x)).norm() / d.norm()
-            best = max(best, float(ratio.detach()))
-            opt.zero_grad()
-            (-ratio).backward()
-            opt.step()
-        jac = torch.autograd.functional.jacobian(f, x.detach()).reshape(-1, int(np.prod(shape)))
+    for _ in range(steps):
+        ratio = (f(x + d) - f(x)).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)
+        best = max(best, float(ratio.detach().max()))
+        opt.zero_grad()
+        (-ratio.sum()).backward()
+        opt.step()
+    for i in range(4):
+        jac = torch.autograd.functional.jacobian(f, x[i:i + 1].detach()).reshape(-1, int(np.prod(shape)))
         best = max(best, float(torch.linalg.matrix_norm(jac, 2)))
     return best
 
@@ -199,7 +199,7 @@ def test_network_bound_is_above_empirical_lipschitz(build):
     empirical = _empirical_lipschitz(f, x.shape[1:])
     assert bounds.network_bound is not None and bounds.unknown_ops == ()
     assert bounds.network_bound >= empirical
-    assert empirical > 0.0
+    assert empirical > 0.01 * bounds.network_bound  # a real estimate, not a degenerate 0
 
 
 def _linear_chain(n_layers: int) -> onnx.ModelProto:

@@ -1,0 +1,156 @@
+"""Graph stage: loading, BN folding, shape inference, the weighted-layer walk, bad models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from laqonnx.errors import ModelError
+from laqonnx.graph import load_model
+from tests import models
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def test_batchnorm_folding_matches_onnxruntime_on_the_unfolded_model():
+    model = models.cnn(bn=True)
+    pm = load_model(model)
+    assert [n.op_type for n in pm.model.graph.node].count("BatchNormalization") == 0
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 1  # input untouched
+    x = models.random_input(model, n=5, seed=3)
+    np.testing.assert_allclose(_run(pm.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    conv1 = pm.layer("conv1")
+    assert conv1.output == "bn1" and conv1.bias is not None
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    scale, var, w = arrays["bn_s"], arrays["bn_v"], arrays["w1"]
+    expected = w * (scale / np.sqrt(var + 1e-5))[:, None, None, None]
+    np.testing.assert_allclose(pm.weight(conv1), expected, rtol=1e-6)
+
+
+def test_layers_of_cnn():
+    pm = load_model(models.cnn())
+    assert pm.input_name == "input" and pm.output_name == "logits" and pm.input_shape == (1, 1, 8, 8)
+    got = [(x.name, x.op_type, x.weight, x.weight_shape, x.input_shape, x.output_shape, x.channel_axis, x.index) for x in pm.layers]
+    assert got == [
+        ("conv1", "Conv", "w1", (8, 1, 3, 3), (1, 1, 8, 8), (1, 8, 8, 8), 0, 0),
+        ("conv2", "Conv", "w2", (16, 8, 3, 3), (1, 8, 8, 8), (1, 16, 4, 4), 0, 2),
+        ("fc", "Gemm", "w3", (10, 256), (1, 256), (1, 10), 0, 5),
+    ]
+    assert pm.layer("conv2").attrs["strides"] == (2, 2) and pm.layer("conv2").attrs["pads"] == (1, 1, 1, 1)
+    assert pm.layer("fc").attrs["transB"] == 1
+    assert pm.skipped == ()
+
+
+def _graph_model(nodes, inits, in_dims, out_rank=2, opset=17, out_name="y"):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_dims)],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [f"d{i}" for i in range(out_rank)])],
+        initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def test_unnamed_nodes_get_unique_names_and_matmul_two_activations_is_skipped():
+    g = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["a"]),
+        helper.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["a", "at"], ["y"]),
+    ]
+    model = _graph_model(nodes, {"w": g.normal(size=(4, 3))}, ["N", 5, 4], out_rank=3)
+    pm = load_model(model)
+    names = [n.name for n in pm.model.graph.node]
+    assert names == ["MatMul_0", "Transpose_1", "MatMul_2"]
+    assert [x.name for x in pm.layers] == ["MatMul_0"] and pm.layers[0].input_shape == (1, 5, 4)
+    assert [(s.name, s.op_type) for s in pm.skipped] == [("MatMul_2", "MatMul")]
+    assert "two activations" in pm.skipped[0].reason
+
+
+@pytest.mark.parametrize("size,auto_pad,expected", [
+    (8, "SAME_UPPER", (0, 0, 1, 1)),
+    (8, "SAME_LOWER", (1, 1, 0, 0)),
+    (7, "SAME_UPPER", (1, 1, 1, 1)),
+    (7, "VALID", (0, 0, 0, 0)),
+])
+def test_auto_pad_is_resolved_to_explicit_pads(size, auto_pad, expected):
+    model = _graph_model(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", auto_pad=auto_pad, strides=[2, 2]),
+         helper.make_node("Flatten", ["c"], ["y"], name="flat")],
+        {"w": np.ones((2, 1, 3, 3))}, ["N", 1, size, size])
+    layer = load_model(model).layers[0]
+    assert layer.attrs["pads"] == expected
+    out = _run(model, np.zeros((1, 1, size, size), np.float32))
+    assert layer.output_shape[1:] == (2, *[(size - 3 + expected[0] + expected[2]) // 2 + 1] * 2)
+    assert out.shape[1] == int(np.prod(layer.output_shape[1:]))
+
+
+def _dynamic_spatial():
+    return _graph_model(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+         helper.make_node("Flatten", ["p"], ["y"], name="flat")],
+        {"w": np.ones((2, 3, 3, 3))}, ["N", 3, "H", "W"])
+
+
+def test_dynamic_spatial_size_needs_an_input_shape():
+    with pytest.raises(ModelError, match="dynamic size 'H' on axis 2"):
+        load_model(_dynamic_spatial())
+    pm = load_model(_dynamic_spatial(), input_shape=(1, 3, 10, 12))
+    assert pm.input_shape == (1, 3, 10, 12) and pm.layers[0].input_shape == (1, 3, 10, 12)
+    assert pm.layers[0].output_shape == (1, 2, 10, 12)
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((1, 4, 8, 8), "axis 1 is 4, the model says 1"),
+    ((1, 1, 8), "rank 3"),
+    ((1, 1, 0, 8), "non-positive"),
+])
+def test_contradicting_input_shape(shape, match):
+    with pytest.raises(ModelError, match=match):
+        load_model(models.cnn(), input_shape=shape)
+
+
+def test_input_shape_inconsistent_downstream():
+    # fixed-size Gemm after Flatten: 16x16 input gives the wrong feature count
+    model = models.cnn()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    with pytest.raises(ModelError, match="does not fit the model"):
+        load_model(model, input_shape=(1, 1, 16, 16))
+
+
+def test_external_data_loads(tmp_path):
+    model = models.cnn(seed=4)
+    expected = numpy_helper.to_array([t for t in model.graph.initializer if t.name == "w2"][0])
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    assert (tmp_path / "ext.data").exists()
+    pm = load_model(path)
+    assert pm.source == str(path)
+    np.testing.assert_array_equal(pm.weight("conv2"), expected)
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "text", "truncated", "no-weights"])
+def test_bad_files(tmp_path, kind):
+    path = tmp_path / "m.onnx"
+    if kind == "text":
+        path.write_text("this is not a model\n" * 20)
+    elif kind == "truncated":
+        data = models.cnn().SerializeToString()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "no-weights":
+        onnx.save(_graph_model([helper.make_node("Relu", ["input"], ["y"], name="r")], {}, ["N", 4]), str(path))
+    match = {"missing": "not found", "folder": "folder", "text": "not", "truncated": "not",
+             "no-weights": "no weighted layers"}[kind]
+    with pytest.raises(ModelError, match=match):
+        load_model(path)
