@@ -289,3 +289,25 @@ def test_art_wrappers_predict_logits() -> None:
     np.testing.assert_allclose(art_ort.predict(x, batch_size=3), ref, atol=1e-6)
     grads = art_mirror.loss_gradient(x, np.eye(10)[ref.argmax(1)])
     assert grads.shape == x.shape and np.abs(grads).sum() > 0
+
+
+def test_fixed_batch_axis_models_run_in_chunks() -> None:
+    """A model exported with batch 1 (Reshape to [1, -1]): both onnxruntime and the mirror take N > 1."""
+    rng = np.random.default_rng(9)
+    nodes = [N("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), N("Relu", ["c"], ["r"]),
+             N("Reshape", ["r", "shape"], ["f"]), N("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    inits = [("w", rng.normal(0, 0.5, (2, 1, 3, 3)).astype(np.float32)), ("shape", _i64(1, -1)),
+             ("fc", rng.normal(0, 0.3, (4, 2 * 5 * 5)).astype(np.float32))]
+    graph = helper.make_graph(nodes, "b1", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 5, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])],
+                              initializer=[numpy_helper.from_array(a, n) for n, a in inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = M.random_input((1, 5, 5), n=5, seed=10)
+    one_by_one = np.concatenate([_ort(model, x[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(OrtModel(model).predict(x, batch_size=3), one_by_one, atol=1e-6)
+    xt = torch.from_numpy(x).requires_grad_()
+    out = build_mirror(model)(xt)
+    np.testing.assert_allclose(out.detach().numpy(), one_by_one, atol=1e-5)
+    out.sum().backward()
+    assert torch.count_nonzero(xt.grad.reshape(5, -1).abs().sum(1)) == 5

@@ -197,6 +197,9 @@ def _evaluate_one(model: Any, name: str, x: np.ndarray, y: np.ndarray, attacks: 
         agree_clean = float((mpred == pred).mean())
     except ModelError as exc:
         mirror_error = str(exc)
+    except RuntimeError as exc:  # torch could not evaluate the graph (shapes it does not support)
+        mirror_error = f"the mirror failed on this model: {str(exc).splitlines()[0]}"
+        mirror_art = None
     ctx = AttackContext(threat=threat, preset=preset, ort=ort, ort_art=ort_classifier(ort, shape, classes),
                         mirror_art=mirror_art, reference_art=reference_art, nb_classes=classes,
                         input_shape=shape, batch_size=opts["batch_size"], seed=opts["seed"])
@@ -224,8 +227,9 @@ def _evaluate_one(model: Any, name: str, x: np.ndarray, y: np.ndarray, attacks: 
     robust = {r.name: r.robust_accuracy for r in results}
     robust["worst_case"] = float(worst_case(correct, results).mean())
     sweep = None
-    if opts["sweep"]:
-        sweep = _sweep(ctx, x, y, correct, with_transfer=reference_art is not None and not ref_reason)
+    with_transfer = reference_art is not None and not ref_reason and "transfer" in attacks
+    if opts["sweep"] and (mirror_art is not None or with_transfer):  # else no attack to sweep with
+        sweep = _sweep(ctx, x, y, correct, with_transfer=with_transfer)
     latency = None
     if opts["latency"]:
         from ..latency import measure_latency
@@ -266,7 +270,8 @@ def evaluate(
     :data:`~laqonnx.robustness.attacks.ATTACK_NAMES`, run with the preset's budgets). ``reference``
     is the float model used for transfer attacks. ``sweep`` (default: on iff ``report_dir``)
     adds robust accuracy at 0, 0.25, 0.5, 1 and 1.5 x eps. ``report_dir`` writes the Markdown +
-    PNG report through :func:`laqonnx.report.write_report`. Seeds numpy's and torch's global RNGs.
+    PNG report through :func:`laqonnx.report.write_report`, with ``analyses`` (default: computed
+    by :func:`laqonnx.analysis.analyze` for each model). Seeds numpy's and torch's global RNGs.
 
     ``threads`` is the number of onnxruntime and torch threads used by the attacks (default 1:
     attacks run small batches where per-op overhead dominates, and multi-threaded torch was
@@ -312,8 +317,26 @@ def evaluate(
     if report_dir is not None:
         from ..report import write_report
 
+        if analyses is None:
+            analyses = _analyses(model_list, [m.path for m in evaluations], tuple(x.shape[1:]))
         write_report(report.to_json(), report_dir, analyses=analyses)
     return report
+
+
+def _analyses(models: list[Any], names: list[str], shape: tuple[int, ...]) -> dict[str, dict]:
+    """Per-layer Lipschitz analyses for the report's plot; a model the analysis rejects is left out."""
+    import warnings
+
+    from ..analysis import analyze
+    from ..errors import LaqonnxError
+
+    out: dict[str, dict] = {}
+    for model, name in zip(models, names):
+        try:
+            out[name] = analyze(model, (1, *shape), progress=False).to_json()
+        except LaqonnxError as exc:
+            warnings.warn(f"no Lipschitz analysis of {name} in the report: {exc}", stacklevel=3)
+    return out
 
 
 def format_table(report: EvaluationReport) -> str:

@@ -170,6 +170,8 @@ class Mirror(torch.nn.Module):
         if len(inputs) != 1:
             raise ModelError(f"expected a model with exactly one data input, found {len(inputs)}: {inputs}")
         self.input_name = inputs[0]
+        in_dims = next(i for i in graph.input if i.name == self.input_name).type.tensor_type.shape.dim
+        self.fixed_batch = in_dims[0].dim_value if len(in_dims) and in_dims[0].dim_value > 0 else None
         self.output_name = graph.output[0].name
         self._buffer_of: dict[str, str] = {}
         elem_types: dict[str, int] = {}
@@ -202,6 +204,19 @@ class Mirror(torch.nn.Module):
             raise ModelError(f"the robustness mirror does not support op(s): {names}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.fixed_batch
+        if step is None or len(x) == step:
+            return self._run(x)
+        outs = []
+        for i in range(0, len(x), step):  # a fixed batch axis (e.g. Reshape to [1, -1]): run in chunks
+            chunk = x[i:i + step]
+            n = len(chunk)
+            if n < step:
+                chunk = torch.cat([chunk, chunk[-1:].expand(step - n, *chunk.shape[1:])])
+            outs.append(self._run(chunk)[:n])
+        return torch.cat(outs)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, Any] = {name: getattr(self, attr) for name, attr in self._buffer_of.items()}
         values[self.input_name] = x
         for node, handler, ctx in self._nodes:

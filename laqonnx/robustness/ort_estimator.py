@@ -86,6 +86,8 @@ class OrtModel:
         self.output_name = self._session.get_outputs()[0].name
         dims = inputs[0].shape[1:]
         self.declared_shape: tuple[int | None, ...] = tuple(d if isinstance(d, int) else None for d in dims)
+        batch = inputs[0].shape[0] if inputs[0].shape else None
+        self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
 
     def sample_shape(self, data_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
         """The per-example input shape, dynamic dims filled from ``data_shape``."""
@@ -103,8 +105,13 @@ class OrtModel:
         """Logits for ``x`` (float32), in batches of ``batch_size``."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         outs = []
-        for i in range(0, len(x), batch_size):
-            outs.append(self._session.run([self.output_name], {self.input_name: x[i:i + batch_size]})[0])
+        step = self.fixed_batch or batch_size
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            if self.fixed_batch and len(chunk) < step:  # a fixed batch axis: pad with copies, cut after
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
+            out = self._session.run([self.output_name], {self.input_name: chunk})[0]
+            outs.append(out[: min(step, len(x) - i)])
         self.queries += len(x)
         if not outs:
             return np.zeros((0, 0), dtype=np.float32)
