@@ -42,7 +42,7 @@ import numpy as np
 
 from .graph import Layer, PreparedModel
 from .plan import Candidate, Score
-from .quantizers import ActivationQuant, PerChannel, PerTensor, WeightQuant, quantize_weight
+from .quantizers import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant, quantize_weight
 
 __all__ = ["OBJECTIVES", "ObjectiveConfig", "CandidateSpace", "LayerTerms", "Scored", "score_layers", "eps_l2"]
 
@@ -136,6 +136,7 @@ class LayerTerms:
     derivative: float  # dLambda / dL_l
     input_norm: float
     scores: tuple[Score, ...]
+    qparams: Mapping[WeightQuant, QParams] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -266,11 +267,12 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
             D = prod_l / max(L, 1e-30)
         w = pm.weight(layer)
         weight_terms: list[tuple[WeightQuant | None, float, float]] = []
+        qparams: dict[WeightQuant, QParams] = {}
         for ws in space.weight_settings(layer.channel_axis, weight_bits):
             if ws is None:
                 weight_terms.append((None, L, 0.0))
                 continue
-            wq, _ = quantize_weight(w, ws)
+            wq, qparams[ws] = quantize_weight(w, ws)
             lhat = operator_norm(capped[layer.name], wq, init=base[layer.name].vector, **opts).value
             dnorm = operator_norm(capped[layer.name], w - wq, **opts).value
             weight_terms.append((ws, lhat, dnorm))
@@ -286,7 +288,7 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
                 scores.append(
                     Score(cand, lhat, dnorm, e, adv, quant, _metric(config.objective, adv, quant), cand.weight_bits * params)
                 )
-        out.append(LayerTerms(layer, L, G, D, anorm, tuple(scores)))
+        out.append(LayerTerms(layer, L, G, D, anorm, tuple(scores), qparams))
         bar.update(1)
     bar.close()
     methods = sorted({n.method for n in base.values()})

@@ -250,7 +250,8 @@ def _ranges(pm: PreparedModel, stats: Mapping[str, Any], layers: tuple[LayerPlan
     return tuple(out)
 
 
-def _with_scales(pm: PreparedModel, plan: Plan) -> tuple[Plan, dict[str, Any]]:
+def _with_scales(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any, Any]] | None = None) -> tuple[Plan, dict[str, Any]]:
+    """Weight qparams of the chosen settings (reusing those computed while scoring) into the plan."""
     import dataclasses
 
     qps: dict[str, Any] = {}
@@ -260,7 +261,9 @@ def _with_scales(pm: PreparedModel, plan: Plan) -> tuple[Plan, dict[str, Any]]:
         if w is None:
             layers.append(dataclasses.replace(lp, weight_scale=None, weight_zero_point=None))
             continue
-        qp = weight_qparams(pm.weight(pm.layer(lp.name)), w)
+        qp = (known or {}).get(lp.name, {}).get(w)
+        if qp is None:
+            qp = weight_qparams(pm.weight(pm.layer(lp.name)), w)
         qps[lp.weight] = qp
         layers.append(
             dataclasses.replace(
@@ -335,6 +338,7 @@ def quantize(
 
     stats = None
     batches = None
+    known_qparams: dict[str, Any] = {}
     if calib is not None:
         t = time.perf_counter()
         from .calibrate import collect
@@ -379,6 +383,7 @@ def quantize(
             for lt in scored.layers
         )
         warnings += scored.warnings
+        known_qparams = {lt.layer.name: lt.qparams for lt in scored.layers}
         the_plan = Plan(
             model_sha256=sha,
             input_name=pm.input_name,
@@ -401,7 +406,7 @@ def quantize(
         warnings.append(f"{INT4_NOTE} ({len(int4)} int4 layer(s): {', '.join(int4)})")
 
     t = time.perf_counter()
-    the_plan, qps = _with_scales(pm, the_plan)
+    the_plan, qps = _with_scales(pm, the_plan, known_qparams)
     rng = the_plan.range_map()
     spec = LoweringSpec(
         weights=qps,

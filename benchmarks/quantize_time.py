@@ -1,0 +1,181 @@
+"""End-to-end `laqonnx.quantize` time vs onnxruntime's `quantize_static` (MinMax, per-channel).
+
+Same ResNet-18-sized model (random weights, 3x224x224, BatchNorm folded by both tools), same
+calibration images (64 uniform-random images in [0, 1], batches of 32), measured side by side:
+the two tools alternate, each run in a fresh output folder, >= 3 runs each; medians and their ratio
+(target: ours / onnxruntime <= 1.5). Also recorded: our per-stage timings (median), and the lowering
+alternatives of DESIGN.md §5 on the same model: our `lower` (onnxruntime's QDQQuantizer fed with our
+ranges) vs `quantize_static` with the same planned weights as TensorQuantOverrides (which runs
+onnxruntime's own calibration pass again).
+
+    python benchmarks/quantize_time.py            # full: 224x224, 3 runs each
+    python benchmarks/quantize_time.py --quick    # 112x112, width 32, 3 runs each
+
+Writes benchmarks/results/quantize_time.json and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _resnet18(width: int, image_size: int):
+    import torch
+
+    try:
+        from laqonnx.zoo.models import resnet18_like
+
+        net = resnet18_like(num_classes=1000, in_channels=3, width=width, image_size=image_size)
+        source = "laqonnx.zoo.models.resnet18_like"
+    except ImportError:  # pragma: no cover - zoo not installed
+        raise SystemExit("laqonnx.zoo.models.resnet18_like is needed (pip install 'laqonnx[robustness]')")
+    torch.manual_seed(0)
+    for m in net.modules():  # random but non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval(), source
+
+
+def _export(net, image_size: int, path: Path) -> None:
+    from laqonnx.zoo.export import export_onnx
+
+    export_onnx(net, path, (3, image_size, image_size))
+
+
+class _Reader:
+    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
+        self.name, self.batches, self.i = name, batches, 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {self.name: self.batches[self.i - 1]}
+
+
+def run_ort(model: Path, out: Path, x: np.ndarray, extra: dict | None = None) -> float:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    t = time.perf_counter()
+    quantize_static(
+        str(model), str(out), _Reader("input", [x[:32], x[32:]]), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        extra_options=extra,
+    )
+    return time.perf_counter() - t
+
+
+def run_ours(model: Path, out: Path, calib: Path) -> tuple[float, dict]:
+    import laqonnx
+
+    t = time.perf_counter()
+    res = laqonnx.quantize(model, out, str(calib), progress=False)
+    return time.perf_counter() - t, dict(res.timings)
+
+
+def lowering_alternatives(model: Path, calib: Path, x: np.ndarray, tmp: Path, runs: int) -> dict:
+    """Our lowering (QDQQuantizer + our ranges) vs quantize_static + TensorQuantOverrides, same plan."""
+    import laqonnx
+    from laqonnx.graph import load_model
+    from laqonnx.lower import LoweringSpec, _weight_override, lower
+    from laqonnx.quantizers import weight_qparams
+
+    res = laqonnx.quantize(model, tmp / "plan_src.onnx", str(calib), progress=False)
+    pm = load_model(model)
+    plan = res.plan
+    qps = {lp.weight: weight_qparams(pm.weight(pm.layer(lp.name)), lp.chosen.weight) for lp in plan.layers}
+    spec = LoweringSpec(weights=qps, ranges={r.tensor: (r.rmin, r.rmax) for r in plan.ranges})
+    folded = tmp / "folded.onnx"
+    onnx.save(pm.model, str(folded))
+    direct, static = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        lower(pm.model, spec)
+        direct.append(time.perf_counter() - t)
+        overrides = {w: _weight_override(qp) for w, qp in qps.items()}
+        for r in plan.ranges:  # activation ranges as rmin/rmax overrides
+            overrides.setdefault(r.tensor, [{"rmin": np.float32(r.rmin), "rmax": np.float32(r.rmax)}])
+        static.append(run_ort(folded, tmp / "static.onnx", x, {"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True}))
+    a, b = onnx.load(str(tmp / "static.onnx")), lower(pm.model, spec)
+    ia = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
+    ib = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
+    same = set(ia) == set(ib) and all(np.array_equal(ia[k], ib[k]) for k in ia)
+    return {
+        "direct_qdqquantizer_s": statistics.median(direct),
+        "quantize_static_with_overrides_s": statistics.median(static),
+        "identical_initializers": bool(same),
+        "runs": runs,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="112x112, width 32")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)
+    size, width = (112, 32) if args.quick else (224, 64)
+    runs = max(3, args.runs)
+    net, source = _resnet18(width, size)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (64, 3, size, size)).astype(np.float32)
+    result: dict = {
+        "command": "python benchmarks/quantize_time.py" + (" --quick" if args.quick else ""),
+        "model": f"{source}(width={width}) at 3x{size}x{size}, random weights",
+        "calibration": "64 uniform-random images in [0,1], batches of 32",
+        "ort": "quantize_static QDQ, QUInt8 activations, QInt8 per-channel weights, MinMax",
+        "ours": "laqonnx.quantize defaults (objective laq, eps 8/255 Linf, int8, per-tensor+per-channel candidates, norm_max_spatial=32)",
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+        "note": "shared 2-core machine, heavily loaded by other engineers while measured: noisy; rerun on a quiet machine",
+    }
+    with tempfile.TemporaryDirectory(prefix="laqonnx-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        model = tmp / "resnet18.onnx"
+        _export(net, size, model)
+        calib = tmp / "calib.npz"
+        np.savez(calib, x=x)
+        ours, theirs, stages = [], [], []
+        for i in range(runs):
+            for who in (("ours", "ort") if i % 2 == 0 else ("ort", "ours")):
+                if who == "ours":
+                    t, st = run_ours(model, tmp / f"ours{i}.onnx", calib)
+                    ours.append(t)
+                    stages.append(st)
+                else:
+                    theirs.append(run_ort(model, tmp / f"ort{i}.onnx", x))
+                print(f"run {i} {who}: {(ours if who == 'ours' else theirs)[-1]:.2f} s", flush=True)
+        result["ours_s"] = ours
+        result["ort_s"] = theirs
+        result["ours_median_s"] = statistics.median(ours)
+        result["ort_median_s"] = statistics.median(theirs)
+        result["ratio"] = result["ours_median_s"] / result["ort_median_s"]
+        result["target_ratio"] = 1.5
+        result["ours_stage_median_s"] = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+        result["lowering_alternatives"] = lowering_alternatives(model, calib, x, tmp, runs)
+        result["machine"]["load_avg_end"] = os.getloadavg()
+    out = ROOT / "benchmarks" / "results" / "quantize_time.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("ours_median_s", "ort_median_s", "ratio", "ours_stage_median_s", "lowering_alternatives")}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
