@@ -40,6 +40,7 @@ def test_public_api_report(digits) -> None:
         ort_acc = float((OrtModel(proto).labels(x) == y).mean())
         assert m.clean_accuracy == pytest.approx(ort_acc)
         assert m.mirror_agreement_clean == 1.0 and m.white_box_reliable
+        assert m.mirror_agreement_adversarial is not None and m.mirror_agreement_adversarial >= 0.99
         assert 0 <= m.robust_accuracy["worst_case"] <= min(v for k, v in m.robust_accuracy.items())
         assert m.robust_accuracy["worst_case"] <= m.clean_accuracy
         sweep = m.robust_vs_eps

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ._common import parse_fraction
 
 __all__ = ["add_parser"]
 
+_NOTES = ("no Lipschitz analysis",)
 _ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer", "square", "hsj")
 
 
@@ -71,11 +73,18 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_path(args.json, *args.models, args.reference)
-    report = evaluate(
-        args.models, args.data, args.eps, norm=args.norm, preset=args.preset, attacks=args.attacks,
-        reference=args.reference, limit=args.limit, batch_size=args.batch_size, latency=not args.no_latency,
-        report_dir=args.report, threads=args.threads, seed=args.seed, progress=not args.quiet,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        report = evaluate(
+            args.models, args.data, args.eps, norm=args.norm, preset=args.preset, attacks=args.attacks,
+            reference=args.reference, limit=args.limit, batch_size=args.batch_size, latency=not args.no_latency,
+            report_dir=args.report, threads=args.threads, seed=args.seed, progress=not args.quiet,
+        )
+    for w in caught:  # our own notes as one line; anything else as Python shows it
+        if str(w.message).startswith(_NOTES):
+            print(f"laqonnx evaluate: note: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(format_table(report))
     if args.json:
         atomic_write_json(args.json, report.to_json())

@@ -324,4 +324,4 @@ def _dequantize_linear(ctx: NodeContext, a: list[Any]) -> list[Any]:
     return [xf * s]
 
 
-from . import _ops  # noqa: E402,F401  (registers the remaining handlers)
+from . import _ops, _ops_conv  # noqa: E402,F401  (register the remaining handlers)
