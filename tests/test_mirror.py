@@ -1,8 +1,10 @@
 """The torch mirror reproduces onnxruntime on float and QDQ graphs, and its gradients flow.
 
-Tolerances: float graphs max |mirror - ORT| <= 1e-5 * max(1, max |ORT logit|); QDQ graphs
-max |mirror - ORT| <= 1e-4 * max |ORT logit| (onnxruntime fuses QDQ into int8 kernels whose
-requantization may round differently; observed 0 on these models); argmax always identical.
+Tolerances: float graphs max |mirror - ORT| <= 1e-5 * max(1, max |ORT logit|); QDQ graphs of
+tests.models: max |mirror - ORT| <= 1e-4 * max |ORT logit| (observed exactly 0, against onnxruntime
+with and without its fused int8 kernels) and identical argmax; deeper QDQ graphs (zoo ResNet /
+MobileNet): at most 2 output quanta on at most 2 % of examples, argmax agreement >= 99 % (float
+accumulation order can flip a value that sits on a rounding boundary).
 """
 
 from __future__ import annotations
@@ -311,3 +313,27 @@ def test_fixed_batch_axis_models_run_in_chunks() -> None:
     np.testing.assert_allclose(out.detach().numpy(), one_by_one, atol=1e-5)
     out.sum().backward()
     assert torch.count_nonzero(xt.grad.reshape(5, -1).abs().sum(1)) == 5
+
+
+@pytest.mark.parametrize("arch", ["resnet", "mobilenet"])
+def test_zoo_architectures_qdq_agree_within_an_output_quantum(arch: str) -> None:
+    """Residual Adds, ReLU6 (Clip), depthwise convs. Float accumulation order (torch vs onnxruntime
+    convolutions) can flip a value sitting on a rounding boundary: on these models that is a rare
+    one-quantum change of a logit (measured: 2 of 500 examples for resnet), never of the argmax here."""
+    from laqonnx.zoo.models import build_model
+
+    torch.manual_seed(0)
+    model = export(build_model(arch, in_channels=1, num_classes=10, image_size=16).eval(), torch.zeros(1, 1, 16, 16))
+    x = M.random_input((1, 16, 16), n=200, seed=11)
+    qdq = quantize(model, x[:16], per_channel=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    last = next(n for n in qdq.graph.node if qdq.graph.output[0].name in n.output)
+    assert last.op_type == "DequantizeLinear"
+    quantum = float(inits[last.input[1]])
+    got = _mirror(qdq, x)
+    for optimized in (False, True):
+        ref = _ort(qdq, x, optimized=optimized)
+        diff = np.abs(got - ref).max(axis=1)
+        assert diff.max() <= 2 * quantum * (1 + 1e-6)
+        assert (diff > 0).mean() <= 0.02
+        assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
