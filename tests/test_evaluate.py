@@ -178,3 +178,18 @@ def test_report_type_is_exported() -> None:
     with pytest.raises(ModelError):
         laqonnx.evaluate(str("/nonexistent/model.onnx"), (np.zeros((1, 1, 8, 8), np.float32), np.zeros(1, np.int64)),
                          0.1, progress=False)
+
+
+@pytest.mark.parametrize("clean,adv,reliable", [(1.0, 1.0, True), (1.0, 0.99, True), (1.0, 0.985, False),
+                                                (0.98, None, False), (None, None, False)])
+def test_white_box_reliability_threshold(clean, adv, reliable: bool) -> None:
+    from laqonnx.robustness.attacks import Masking
+    from laqonnx.robustness.evaluate import ModelEvaluation
+
+    m = ModelEvaluation(path="m.onnx", n_examples=10, clean_accuracy=0.9, robust_accuracy={"pgd": 0.5, "worst_case": 0.5},
+                        skipped={}, attack_seconds={}, mirror_agreement_clean=clean, mirror_agreement_adversarial=adv,
+                        masking=Masking(False, None, None, 0.0, 0, "n/a"), size_bytes=1)
+    assert m.white_box_reliable is reliable
+    assert m.to_json()["white_box_reliable"] is reliable
+    table = format_table(EvaluationReport(eps=0.1, norm="inf", preset="quick", attacks=("pgd",), models=(m,)))
+    assert ("white-box results are unreliable" in table) is not reliable
