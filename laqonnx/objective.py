@@ -183,19 +183,29 @@ def _metric(objective: str, adversarial: float, quantization: float) -> float:
 
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
-    """Small dense eigen-problems run far faster on one thread (and 2 threads on a loaded machine
-    were measured 100x slower: oversubscription), so scoring pins torch to ``n`` threads."""
+    """Run with torch and the BLAS libraries (numpy/scipy, through threadpoolctl) pinned to ``n``
+    threads. Scoring solves many small dense eigen-problems and SVDs; on this shared 2-core machine
+    the multi-threaded versions were measured 10-100x slower (oversubscription): a 1000x512 SVD
+    took 3.0 s with the default threads and 0.33 s with one."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - shipped with scikit-learn
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(n)
     try:
         import torch
     except ImportError:
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
+        torch = None
+    prev = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(n)
     try:
-        yield
+        with limits:
+            yield
     finally:
-        torch.set_num_threads(prev)
+        if torch is not None:
+            torch.set_num_threads(prev)
 
 
 def score_layers(
