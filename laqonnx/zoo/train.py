@@ -2,10 +2,11 @@
 
 Defaults (``TrainConfig()``): L-inf ``eps = 0.1`` in input units (pixels in [0, 1]; one digits
 grey level is 1/16), training PGD with 5 steps of ``2.5 * eps / 5``, FGSM-RS with step
-``1.25 * eps``, Adam with a one-cycle learning-rate schedule. At ``eps = 0.1`` a PGD-trained
-digits CNN keeps a clearly nontrivial PGD-20 robust accuracy while a plainly trained one loses
-most of it (measured figures: the zoo report in the repository history). Robust accuracy in
-the metrics is PGD-20 with one random start at the training eps on a fixed test subset.
+``1.25 * eps``, Adam with a one-cycle learning-rate schedule. At ``eps = 0.1`` on 16x16
+digits the default CNN reached PGD-20 robust accuracy 0.815 PGD-trained and 0.77 FGSM-RS-trained
+against 0.21 plainly trained, clean accuracy 0.97-0.98 in all three
+(``benchmarks/results/zoo_train.json``). Robust accuracy in the metrics is PGD-20 with one
+random start at the training eps on a fixed, seeded 200-example test subset.
 
 Catastrophic overfitting (FGSM training suddenly losing all PGD robustness) is guarded against:
 after every epoch of adversarial training a PGD check runs on a batch held out of the training
