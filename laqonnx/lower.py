@@ -84,6 +84,7 @@ def quantized_tensors(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> li
     the op types it quantizes, not initializers), in graph order: the tensors to calibrate."""
     excluded = set(exclude)
     inits = {i.name for i in model.graph.initializer}
+    inits |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
     types: dict[str, int] = {}
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
@@ -112,12 +113,13 @@ def _quant_type(bits: int, signed: bool):
 
 
 def _weight_override(qp: QParams) -> list[dict]:
+    # python float/int: onnxruntime rejects numpy scalars in some paths; float32 -> float -> float32 is exact
     qtype = _quant_type(qp.bits, qp.signed)
     if qp.axis is None:
-        return [{"scale": np.float32(qp.scale), "zero_point": qp.zero_point.astype(qp.storage_dtype)[()], "quant_type": qtype}]
+        return [{"scale": float(qp.scale), "zero_point": int(qp.zero_point), "quant_type": qtype}]
     out = []
     for c in range(qp.scale.shape[0]):
-        d = {"scale": np.float32(qp.scale[c]), "zero_point": qp.zero_point[c], "quant_type": qtype}
+        d = {"scale": float(qp.scale[c]), "zero_point": int(qp.zero_point[c]), "quant_type": qtype}
         if c == 0:
             d["axis"] = int(qp.axis)
         out.append(d)
@@ -143,12 +145,31 @@ def _to_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
         ) from exc
 
 
+def _constants_to_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    """Weights held by Constant nodes become initializers (onnxruntime only quantizes initializers)."""
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in names:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                t = onnx.TensorProto()
+                t.CopyFrom(value)
+                t.name = node.output[0]
+                model.graph.initializer.append(t)
+                continue
+        keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
 def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
     """Return the QDQ model onnxruntime's quantizer writes for ``spec`` (``model`` is not modified)."""
     from onnxruntime.quantization import QDQQuantizer, TensorData, TensorsData
     from onnxruntime.quantization.calibrate import CalibrationMethod
 
     work = copy.deepcopy(model)
+    _constants_to_initializers(work, set(spec.weights))
     low_bits = any(qp.bits != 8 for qp in spec.weights.values()) or any(a.bits != 8 for a in spec.activations.values())
     if low_bits and _opset(work) < QDQ_OPSET_FOR_LOW_BITS:
         work = _to_opset(work, QDQ_OPSET_FOR_LOW_BITS)
@@ -160,7 +181,9 @@ def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
             if act.symmetric:
                 overrides[name][0]["symmetric"] = True
     data = {
-        name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in spec.ranges.items()
+        name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+        for name, (lo, hi) in spec.ranges.items()
+        if name not in spec.weights
     }
     extra = {
         "TensorQuantOverrides": overrides,

@@ -204,7 +204,11 @@ class Plan:
         if len(set(names)) != len(names):
             raise PlanError("the plan lists a layer more than once")
         shared: dict[str, ActivationQuant] = {}
+        weights: dict[str, Candidate] = {}
         for lp in self.layers:
+            other = weights.setdefault(lp.weight, lp.chosen)
+            if other.weight != lp.chosen.weight:
+                raise PlanError(f"layers sharing weight {lp.weight!r} must share one weight setting")
             layer = by_name[lp.name]
             if lp.weight != layer.weight or lp.input != layer.input:
                 raise PlanError(f"layer {lp.name}: weight/input names do not match the model")

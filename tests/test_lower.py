@@ -123,3 +123,18 @@ def test_excluded_layer_stays_float_and_16bit_activation():
 def test_bad_range_rejected():
     with pytest.raises(ValueError, match="invalid range"):
         LoweringSpec(weights={}, ranges={"x": (1.0, 0.0)})
+
+
+def test_constant_node_weight_is_quantized():
+    model = onnx.shape_inference.infer_shapes(models.mlp())
+    inits = _inits(model)
+    # move w1 from an initializer into a Constant node
+    w1 = next(i for i in model.graph.initializer if i.name == "w1")
+    model.graph.initializer.remove(w1)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["w1"], name="const_w1", value=w1))
+    x = models.random_input(model, n=8)
+    qp = weight_qparams(inits["w1"], WeightQuant())
+    q = lower(model, LoweringSpec(weights={"w1": qp}, ranges=_minmax_ranges(model, x)))
+    out = _inits(q)
+    np.testing.assert_array_equal(out["w1_scale"], qp.scale)
+    assert _run(q, x)[0].shape == (8, 5)

@@ -130,3 +130,12 @@ def test_load_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(PlanError, match="cannot read plan"):
         Plan.load(bad)
+
+
+def test_layers_sharing_a_weight_must_share_its_setting():
+    plan, pm = _plan()
+    layers = list(plan.layers)
+    layers[1] = dataclasses.replace(layers[1], weight=layers[0].weight)
+    bad = dataclasses.replace(plan, layers=tuple(layers))
+    with pytest.raises(PlanError, match="must share one weight setting"):
+        bad.validate([dataclasses.replace(l, weight=layers[0].weight) if l.name == layers[1].name else l for l in pm.layers], SHA)

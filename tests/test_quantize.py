@@ -292,3 +292,24 @@ def test_generated_adversarial_calibration(tmp_path):
     r = res.plan.range_map()["input"]
     # PGD moved the constant 0.5 images within the eps ball: the range now spans [0.4, 0.6] (up to rounding)
     assert r.rmin == pytest.approx(0.4, abs=1e-6) and r.rmax == pytest.approx(0.6, abs=1e-6)
+
+
+def test_max_bytes_budget(tmp_path):
+    path = tmp_path / "m.onnx"
+    model = models.cnn()
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "calib.npz", x=models.random_input((1, 8, 8), n=16))
+    layer_w = {"w1", "w2", "w3"}
+    other = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer if i.name not in layer_w)
+    int8_weights = sum(numpy_helper.to_array(i).size for i in model.graph.initializer if i.name in layer_w)
+    budget = other + int(0.75 * int8_weights)  # below all-int8: some layers must go int4
+    res = laqonnx.quantize(path, tmp_path / "q.onnx", str(tmp_path / "calib.npz"), max_bytes=budget, progress=False)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    used = other
+    for _, (t, scale, zp) in _weight_dq(q).items():
+        n = int(np.prod(t.dims))
+        used += (n * _bits(t) + 7) // 8 + 5 * np.ravel(scale).size
+    assert used <= budget
+    assert res.avg_weight_bits < 8
+    with pytest.raises(PlanError, match="infeasible"):
+        laqonnx.quantize(path, tmp_path / "q2.onnx", str(tmp_path / "calib.npz"), max_bytes=other + 10, progress=False)
