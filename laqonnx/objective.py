@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -278,14 +279,17 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
         w = pm.weight(layer)
         weight_terms: list[tuple[WeightQuant | None, float, float]] = []
         qparams: dict[WeightQuant, QParams] = {}
+        seen: dict[bytes, tuple[float, float]] = {}
         for ws in space.weight_settings(layer.channel_axis, weight_bits):
             if ws is None:
                 weight_terms.append((None, L, 0.0))
                 continue
             wq, qparams[ws] = quantize_weight(w, ws)
-            lhat = operator_norm(capped[layer.name], wq, init=base[layer.name].vector, **opts).value
-            dnorm = operator_norm(capped[layer.name], w - wq, **opts).value
-            weight_terms.append((ws, lhat, dnorm))
+            key = hashlib.blake2b(wq.tobytes(), digest_size=16).digest()
+            if key not in seen:  # settings that quantize to the same weights share their norms
+                lhat = operator_norm(capped[layer.name], wq, init=base[layer.name].vector, **opts).value
+                seen[key] = (lhat, operator_norm(capped[layer.name], w - wq, **opts).value)
+            weight_terms.append((ws, *seen[key]))
         scores = []
         params = int(np.prod(layer.weight_shape))
         anorm = in_norm[layer.input]

@@ -312,6 +312,8 @@ def quantize(
         raise ValueError(f"avg_weight_bits must be > 0, got {avg_weight_bits!r}")
     if max_bytes is not None and not (isinstance(max_bytes, int) and max_bytes > 0):
         raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+    if plan is not None and (avg_weight_bits is not None or max_bytes is not None):
+        raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
     if baseline is not None and baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if calib_limit is not None and (not isinstance(calib_limit, int) or calib_limit < 1):
