@@ -337,3 +337,29 @@ def test_random_model_is_cached(tmp_path):
     assert again == path and again.stat().st_mtime_ns == mtime
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": np.zeros((3, 1, 8, 8), np.float32)})[0].shape == (3, 10)
+
+
+def test_digits_work_without_torch_and_models_say_which_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from laqonnx.zoo import load_digits\n"
+        "x, y = load_digits(16, 'train', 3)\n"
+        "assert x.shape == (1438, 3, 16, 16), x.shape\n"
+        "from laqonnx.errors import DependencyError\n"
+        "try:\n"
+        "    import laqonnx.zoo.models\n"
+        "except DependencyError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "laqonnx[robustness]" in out.stdout
+    assert "torch" not in out.stderr
