@@ -305,3 +305,22 @@ def test_unknown_op_makes_downstream_unknown_and_names_it(kind):
     assert len(bounds.unknown_ops) == 1 and bounds.unknown_ops[0].startswith("odd (")
     assert bounds.gains["conv1"] is None and bounds.gains["conv2"] is None
     assert bounds.gains["fc"] == 1.0 and bounds.upstream["conv2"] is not None and bounds.upstream["fc"] is None
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_explicit_adjoint_matches_autograd(case):
+    from laqonnx.lipschitz import _conv_adjoint, _conv_map
+
+    op, in_shape, w_shape, attrs = CONV_CASES[case]
+    w = np.random.default_rng(len(case)).normal(0, 0.5, w_shape)
+    pm = load_model(_single(op, in_shape, w, **attrs))
+    layer = pm.layers[0]
+    wt = torch.tensor(pm.weight(layer), dtype=torch.float64)
+    fn, adj = _conv_map(torch, layer, wt), _conv_adjoint(torch, layer, wt)
+    x = torch.randn((1, *in_shape), dtype=torch.float64, requires_grad=True)
+    y = fn(x)
+    z = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, x, grad_outputs=z)
+    got = adj(z)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
