@@ -151,7 +151,7 @@ def _lanczos_sigma(torch, normal, v0, tol: float, max_iter: int, restart: int | 
 
     Full reorthogonalization, explicit restart from the Ritz vector every ``restart`` steps. Stops
     when the residual bound ``||A^T A y - theta y|| <= tol * theta`` holds, or when sigma grew by
-    less than ``tol / 20`` (relative) on each of the last two steps within one restart cycle. The Ritz value never exceeds
+    less than ``tol / 10`` (relative) on each of the last two steps within one restart cycle. The Ritz value never exceeds
     the true eigenvalue, so the result is a lower bound on the operator norm.
     """
     q = v0.reshape(-1).to(torch.float32)
@@ -180,7 +180,7 @@ def _lanczos_sigma(torch, normal, v0, tol: float, max_iter: int, restart: int | 
             history.append(sigma)
             y = torch.from_numpy(vecs[:, -1].astype(np.float32))
             done = beta * abs(vecs[-1, -1]) <= tol * theta or beta <= 1e-12 * max(theta, 1e-30)
-            if len(history) >= 3 and all(history[-i] - history[-i - 1] <= 0.05 * tol * sigma for i in (1, 2)):
+            if len(history) >= 3 and all(history[-i] - history[-i - 1] <= 0.1 * tol * sigma for i in (1, 2)):
                 done = True
             if done or total >= max_iter:
                 ritz = y @ qs
