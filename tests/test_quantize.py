@@ -313,3 +313,21 @@ def test_max_bytes_budget(tmp_path):
     assert res.avg_weight_bits < 8
     with pytest.raises(PlanError, match="infeasible"):
         laqonnx.quantize(path, tmp_path / "q2.onnx", str(tmp_path / "calib.npz"), max_bytes=other + 10, progress=False)
+
+
+def test_option_conflicts_are_clear(tmp_path):
+    from laqonnx.errors import DataError
+
+    path = tmp_path / "m.onnx"
+    onnx.save(models.cnn(), str(path))
+    np.savez(tmp_path / "c.npz", x=models.random_input((1, 8, 8), n=8))
+    with pytest.raises(DataError, match="--norm 2"):
+        laqonnx.quantize(path, tmp_path / "q.onnx", str(tmp_path / "c.npz"), adversarial_calib=True, norm="2", progress=False)
+    with pytest.raises(DataError, match="calibration data is required"):
+        laqonnx.quantize(path, tmp_path / "q.onnx", progress=False)
+    res = laqonnx.quantize(path, tmp_path / "q.onnx", str(tmp_path / "c.npz"), progress=False)
+    with pytest.raises(PlanError, match="budget does not apply"):
+        laqonnx.quantize(path, tmp_path / "q2.onnx", plan=res.plan_path, avg_weight_bits=6, progress=False)
+    with pytest.raises(ValueError, match="at most one budget"):
+        laqonnx.quantize(path, tmp_path / "q3.onnx", str(tmp_path / "c.npz"), avg_weight_bits=6, max_bytes=10**6, progress=False)
+    assert not (tmp_path / "q2.onnx").exists() and not (tmp_path / "q3.onnx").exists()
