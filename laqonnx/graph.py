@@ -359,7 +359,7 @@ def _resolve_pads(attrs: dict[str, Any], in_shape: tuple[int, ...] | None, nd: i
             out = -(-n // s)
             total = max(0, (out - 1) * s + keff - n)
         small, large = total // 2, total - total // 2
-        upper = attrs["auto_pad"] != "SAME_LOWER"
+        upper = attrs["auto_pad"] == "SAME_UPPER"  # ONNX: SAME_LOWER and (ConvTranspose) NOTSET put more first
         begin.append(small if upper else large)
         end.append(large if upper else small)
     return tuple(begin + end)

@@ -271,8 +271,11 @@ def _conv_norm(layer: Layer, weight: np.ndarray, tol: float, max_iter: int, seed
     def build_adjoint(dtype):
         return _conv_adjoint(torch, layer, torch.tensor(np.asarray(weight), dtype=dtype))
 
-    with torch.no_grad():
-        return linear_map_norm(build, shape, tol=tol, max_iter=max_iter, seed=seed, init=init, adjoint_builder=build_adjoint)
+    try:
+        with torch.no_grad():
+            return linear_map_norm(build, shape, tol=tol, max_iter=max_iter, seed=seed, init=init, adjoint_builder=build_adjoint)
+    except RuntimeError as exc:  # e.g. a geometry torch does not support
+        return _reshaped_bound(layer, weight, f"torch could not apply the operator ({type(exc).__name__}: {str(exc)[:120]})")
 
 
 @_norm_for("Gemm", "MatMul")
@@ -546,7 +549,10 @@ def _propagate(pm: PreparedModel, start: str, ctx: RuleContext, unknown: dict[st
             out: float | NoRule | None = None
         else:
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            out = rule(node, ins, ctx) if rule is not None else NoRule("no bound rule")
+            try:
+                out = rule(node, ins, ctx) if rule is not None else NoRule("no bound rule")
+            except Exception as exc:  # a malformed node must not crash the analysis
+                out = NoRule(f"rule failed: {type(exc).__name__}: {exc}")
             if isinstance(out, NoRule):
                 unknown[f"{node.name} ({node.op_type if node.domain in ('', 'ai.onnx') else node.domain + '.' + node.op_type})"] = None
                 out = None

@@ -324,3 +324,14 @@ def test_explicit_adjoint_matches_autograd(case):
     got = adj(z)
     assert got.shape == x.shape
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_conv_transpose_output_shape_attribute():
+    # explicit output_shape without auto_pad: ONNX puts the extra padding first
+    w = np.random.default_rng(5).normal(0, 0.5, (2, 3, 3, 3))
+    model = _single("ConvTranspose", (2, 4, 4), w, strides=[2, 2], output_shape=[8, 8])
+    pm = load_model(model)
+    layer = pm.layers[0]
+    assert layer.attrs["pads"] == (1, 1, 0, 0)
+    assert layer.output_shape == (1, 3, 8, 8)
+    assert operator_norm(layer, pm.weight(layer)).value == pytest.approx(_explicit_sigma(model, (2, 4, 4)), rel=1e-3)
