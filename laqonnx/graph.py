@@ -249,6 +249,22 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         used.add(node.name)
 
 
+def _skip_constant_identities(graph: onnx.GraphProto) -> None:
+    """Remove Identity nodes that copy an initializer (torch exports them), rewiring their users."""
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {}
+    for node in list(graph.node):
+        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in inits and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+            graph.node.remove(node)
+    if alias:
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in alias:
+                    node.input[i] = alias[name]
+
+
 def _fold_batchnorm(graph: onnx.GraphProto) -> None:
     """Fold BatchNormalization (inference mode, constant params) into the Conv that feeds it."""
     inits = {t.name: t for t in graph.initializer}
@@ -448,6 +464,7 @@ def load_model(
     _check(proto, source)
     graph = proto.graph
     _name_nodes(graph)
+    _skip_constant_identities(graph)
     _fold_batchnorm(graph)
     init_names = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init_names]

@@ -154,3 +154,26 @@ def test_bad_files(tmp_path, kind):
              "no-weights": "no weighted layers"}[kind]
     with pytest.raises(ModelError, match=match):
         load_model(path)
+
+
+def test_torch_export_with_batchnorm_and_identity_params_is_folded():
+    torch = pytest.importorskip("torch")
+    import io
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    net.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(net, torch.rand(1, 3, 6, 6), buf, dynamo=False, input_names=["input"], output_names=["y"],
+                      dynamic_axes={"input": {0: "N"}}, training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    model = onnx.load_from_string(buf.getvalue())
+    assert "BatchNormalization" in [n.op_type for n in model.graph.node]
+    pm = load_model(model)
+    assert "BatchNormalization" not in [n.op_type for n in pm.model.graph.node]
+    x = np.random.default_rng(0).uniform(0, 1, (3, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(pm.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_run(pm.model, x), net(torch.tensor(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
