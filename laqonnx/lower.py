@@ -212,6 +212,7 @@ def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
         raise ModelError(f"onnxruntime's quantizer rejected the plan: {exc}") from exc
     finally:
         root.setLevel(level)
+    quantizer.model.topological_sort()  # what quantize_static does when it saves; keeps onnx.checker happy
     out = quantizer.model.model
     out.producer_name = "laqonnx"
     return out

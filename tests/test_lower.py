@@ -68,6 +68,7 @@ def test_matches_onnxruntime_quantize_static(name, per_channel, tmp_path):
     ref = ort_baseline(model, "input", [x[:4], x[4:]], method="ort-minmax", per_channel=per_channel)
     xt = models.random_input(model, n=6, seed=2)
     np.testing.assert_array_equal(_run(ours, xt)[0], _run(ref, xt)[0])
+    onnx.checker.check_model(ours, full_check=True)  # valid ONNX (topologically sorted), not only runnable
 
 
 @pytest.mark.parametrize("bits,gran,method", [(8, PerChannel(0), "mse"), (4, PerTensor(), "maxabs"), (4, PerChannel(0), "percentile")])
