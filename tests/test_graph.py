@@ -156,6 +156,7 @@ def test_bad_files(tmp_path, kind):
         load_model(path)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torch_export_with_batchnorm_and_identity_params_is_folded():
     torch = pytest.importorskip("torch")
     import io
