@@ -323,7 +323,7 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], r18: dict[str, 
          "Only the section between the `claims` markers is hand-written. The cells were made by these invocations "
          "(same settings; each skips the cells already present):", "",
          *[f"- `{i['command']}` ({i.get('started', '?')} – {i.get('finished', 'interrupted')}, load "
-           f"{i.get('load_start')} → {i.get('load_end')})" for i in invocations], "",
+           f"{i.get('load_start')} → {i.get('load_end')}, commit {i.get('git', '?')})" for i in invocations], "",
          "## Setup", "",
          f"- Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} logical cores, {meta['machine']['platform']}; "
          f"onnxruntime {meta['machine']['onnxruntime']}, torch {meta['machine']['torch']}, Python {meta['machine']['python']}.",
@@ -440,6 +440,16 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], r18: dict[str, 
 # ------------------------------------------------------------------------------ main
 
 
+def _git() -> str:
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + (" (uncommitted changes in the tree)" if dirty else "")
+
+
 def _machine() -> dict[str, Any]:
     from importlib import metadata
 
@@ -503,7 +513,8 @@ def main() -> int:
                   "remove the folder or use the same settings", file=sys.stderr)
             return 2
         command = "python benchmarks/record.py " + " ".join(sys.argv[1:])
-        runs = meta.get("invocations", []) + [{"command": command, "started": _now(), "load_start": _load()}]
+        runs = meta.get("invocations", []) + [{"command": command, "started": _now(), "load_start": _load(),
+                                               "git": _git()}]
         meta = {"command": command, "cells_dir": name, "summary": f"{name}.json", "settings": o,
                 "machine": _machine(), "started": runs[0]["started"], "load_start": runs[0]["load_start"],
                 "invocations": runs}

@@ -294,7 +294,7 @@ def _fmt(spec: str) -> Callable[[Any], str]:
 TABLE_COLUMNS = [("model", "model"), ("method", "method"), ("bits", "w-bits", _fmt(".2f")),
                  ("kb", "KB", _fmt(".1f")), ("clean", "clean", _fmt(".3f")), ("robust", "robust", _fmt(".3f")),
                  ("d_robust", "Δrobust", _fmt("+.3f")), ("p50_ms", "p50 ms", _fmt(".3f")),
-                 ("speedup", "×float", _fmt(".2f")), ("quant_s", "quant s", _fmt(".1f"))]
+                 ("lat_ratio", "×float", _fmt(".2f")), ("quant_s", "quant s", _fmt(".1f"))]
 
 
 def _model(cfg: DemoConfig, arch: str, adv: str, progress: bool) -> Path:
@@ -354,7 +354,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
             rows.append({"model": label, "method": name, "bits": q.avg_weight_bits, "kb": q.size_bytes / 1024,
                          "clean": ev.clean_accuracy, "robust": ev.robust_accuracy["worst_case"],
                          "d_robust": ev.robust_accuracy["worst_case"] - base.robust_accuracy["worst_case"],
-                         "p50_ms": p50, "speedup": lat["float"].at(1).p50_ms / p50,
+                         "p50_ms": p50, "lat_ratio": p50 / lat["float"].at(1).p50_ms,
                          "quant_s": q.seconds if name != "float" else None})
             models_json.append({**ev.to_json(), "label": f"{label} {name}", "latency_ms": lat[name].to_json(),
                                 "quantize": q.to_json(), "budget_bits": budget, "int4_rule": list(int4)})

@@ -81,10 +81,11 @@ def test_rows_and_table(demo):
     for line, row in zip(result.table.splitlines()[2:], result.rows):
         assert line.split()[:2] == ["cnn/pgd", row["method"]]
     rows = {r["method"]: r for r in result.rows}
-    assert rows["float"]["d_robust"] == 0 and rows["float"]["speedup"] == 1 and rows["float"]["bits"] == 32
+    assert rows["float"]["d_robust"] == 0 and rows["float"]["lat_ratio"] == 1 and rows["float"]["bits"] == 32
     for r in result.rows:
         assert 0 <= r["robust"] <= r["clean"] <= 1
         assert r["d_robust"] == pytest.approx(r["robust"] - rows["float"]["robust"])
+        assert r["lat_ratio"] == pytest.approx(r["p50_ms"] / rows["float"]["p50_ms"])
     for m in ("ort-minmax", "ort-minmax-pc", "ort-entropy", "ort-percentile", "laq-int8"):
         assert rows[m]["bits"] == 8
     # equal average weight bits: LAQ's mixed budget is the uniform onnxruntime alternative's
