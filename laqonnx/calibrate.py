@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from .errors import DataError, ModelError
-from .quantizers import ActivationQuant, activation_qparams
+from .quantizers import ActivationQuant, _scale_zp, activation_qparams
 
 __all__ = [
     "TensorStats",
@@ -65,6 +65,7 @@ class TensorStats:
     numel: int  # elements per example
     sum_sq: float
     zeros: int = 0  # exact zeros (representable exactly: no rounding error)
+    _ranges: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # activation_range cache
 
     @property
     def bins(self) -> int:
@@ -310,6 +311,14 @@ def activation_range(stats: TensorStats, spec: ActivationQuant) -> tuple[float, 
     lo, hi = stats.min, stats.max
     if spec.method == "minmax" or lo == hi:
         return lo, hi
+    cached = stats._ranges.get(spec)  # stats are immutable: a range is computed once per setting
+    if cached is None:
+        cached = stats._ranges[spec] = _range(stats, spec)
+    return cached
+
+
+def _range(stats: TensorStats, spec: ActivationQuant) -> tuple[float, float]:
+    lo, hi = stats.min, stats.max
     if spec.method == "percentile":
         if spec.symmetric:
             fold = _folded(stats)
@@ -329,11 +338,31 @@ def activation_range(stats: TensorStats, spec: ActivationQuant) -> tuple[float, 
     r = 1.0
     ratios = np.linspace(0.01, 1.0, 100)
     for _ in range(2):  # coarse grid, then a fine grid between the neighbours of the best ratio
-        errors = [_sq_error(stats, float(c * lo), float(c * hi), spec) for c in ratios]
+        errors = _sq_errors(stats, ratios * lo, ratios * hi, spec)
         k = int(np.argmin(errors))
         r = float(ratios[k])
         ratios = np.linspace(ratios[max(k - 1, 0)], ratios[min(k + 1, len(ratios) - 1)], 41)
     return (lo if r == 1.0 else r * lo), (hi if r == 1.0 else r * hi)
+
+
+def _sq_errors(stats: TensorStats, rmin: np.ndarray, rmax: np.ndarray, spec: ActivationQuant) -> np.ndarray:
+    """:func:`_sq_error` for many ranges at once (same arithmetic, broadcast over the ranges)."""
+    rmin32, rmax32 = np.asarray(rmin, dtype=np.float32), np.asarray(rmax, dtype=np.float32)
+    tmax = 2**spec.bits - 1 if not spec.signed else 2 ** (spec.bits - 1) - 1
+    tmin = 0 if not spec.signed else -(2 ** (spec.bits - 1))
+    qmin = -tmax if spec.symmetric and spec.signed else tmin
+    scale, zp = _scale_zp(rmin32, rmax32, qmin, tmax, spec.symmetric)
+    s = scale.astype(np.float64)[:, None]
+    zp = zp[:, None]
+    a, b = (tmin - zp) * s, (tmax - zp) * s
+    u, v = stats.edges[:-1][None], stats.edges[1:][None]
+    m = stats.counts.astype(np.float64)
+    m = m - np.where((u[0] <= 0) & (v[0] > 0), stats.zeros, 0)
+    dens = (m / (v[0] - u[0]))[None]
+    inside = np.clip(np.minimum(v, b) - np.maximum(u, a), 0.0, None)
+    above = np.where(v > b, ((v - b) ** 3 - (np.maximum(u, b) - b) ** 3) / 3.0, 0.0)
+    below = np.where(u < a, ((a - u) ** 3 - (a - np.minimum(v, a)) ** 3) / 3.0, 0.0)
+    return np.sum(dens * (inside * s * s / 12.0 + above + below), axis=1)
 
 
 def _sq_error(stats: TensorStats, rmin: float, rmax: float, spec: ActivationQuant) -> float:

@@ -34,6 +34,13 @@ Measured on the loaded shared 2-core machine after pinning to one thread, scorin
 (``quantizers``), the activation-range searches (``calibrate``) and Lanczos on the 256/512-channel
 convs do. Quantized-weight norms are warm-started from the float top singular vector, and settings
 that quantize to identical weights share their norms.
+
+Speed (issue 3): the error norms ``||T_l[W_l - Q_s(W_l)]||`` are Lanczos lower bounds converged
+to a looser relative tolerance, ``ObjectiveConfig.error_tol`` (default ``10 * tol`` = 1e-2), and
+are warm-started from the previous setting's error vector of the same layer; they separate
+candidates by far more than 1 % (per-tensor vs per-channel, clipped vs max-abs), and they only
+enter the quantization term. ``L_l`` and ``Lhat_l`` keep ``tol``, since the adversarial term
+uses their difference. Small layers (explicit SVD) are exact whatever the tolerance.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class ObjectiveConfig:
     tol: float = 1e-3
     max_iter: int = 300
     seed: int = 0
+    error_tol: float | None = None  # Lanczos tolerance of the error norms ||T[W - Q(W)]||; None: 10 * tol
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -77,6 +85,13 @@ class ObjectiveConfig:
             raise ValueError(f"norm_max_spatial must be None or an int >= 1, got {self.norm_max_spatial!r}")
         if self.tol <= 0 or self.max_iter < 1:
             raise ValueError("tol must be > 0 and max_iter >= 1")
+        if self.error_tol is not None and not (isinstance(self.error_tol, (int, float)) and 0 < self.error_tol < 1):
+            raise ValueError(f"error_tol must be None or in (0, 1), got {self.error_tol!r}")
+
+    @property
+    def error_norm_tol(self) -> float:
+        """Relative Lanczos tolerance of the error norms (``error_tol``, default ``10 * tol``)."""
+        return float(self.error_tol) if self.error_tol is not None else min(10.0 * self.tol, 0.5)
 
 
 @dataclass(frozen=True)
@@ -238,6 +253,7 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
     from .lipschitz import network_bounds, operator_norm
 
     opts = dict(tol=config.tol, max_iter=config.max_iter, seed=config.seed)
+    err_opts = {**opts, "tol": config.error_norm_tol}
     acts = space.activation_settings()
     warnings: list[str] = []
     # float norms, then the whole-network quantities
@@ -286,6 +302,7 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
         weight_terms: list[tuple[WeightQuant | None, float, float]] = []
         qparams: dict[WeightQuant, QParams] = {}
         seen: dict[bytes, tuple[float, float]] = {}
+        err_init = None  # error norms warm-start from the previous setting's error vector
         for ws in space.weight_settings(layer.channel_axis, weight_bits):
             if ws is None:
                 weight_terms.append((None, L, 0.0))
@@ -294,7 +311,9 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
             key = hashlib.blake2b(wq.tobytes(), digest_size=16).digest()
             if key not in seen:  # settings that quantize to the same weights share their norms
                 lhat = operator_norm(capped[layer.name], wq, init=base[layer.name].vector, **opts).value
-                seen[key] = (lhat, operator_norm(capped[layer.name], w - wq, **opts).value)
+                dn = operator_norm(capped[layer.name], w - wq, init=err_init, **err_opts)
+                err_init = dn.vector
+                seen[key] = (lhat, dn.value)
             weight_terms.append((ws, *seen[key]))
         scores = []
         params = int(np.prod(layer.weight_shape))
