@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +65,7 @@ class TensorStats:
     numel: int  # elements per example
     sum_sq: float
     zeros: int = 0  # exact zeros (representable exactly: no rounding error)
+    histogram: bool = True  # False: min/max/sum_sq/zeros only (counts all 0); only "minmax" ranges apply
     _ranges: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # activation_range cache
 
     @property
@@ -88,8 +89,9 @@ class TensorStats:
         return int(self.counts.sum())
 
     @classmethod
-    def from_array(cls, name: str, array: np.ndarray, bins: int = DEFAULT_BINS) -> TensorStats:
-        """Statistics of one batch (first axis = examples)."""
+    def from_array(cls, name: str, array: np.ndarray, bins: int = DEFAULT_BINS, histogram: bool = True) -> TensorStats:
+        """Statistics of one batch (first axis = examples). ``histogram=False`` skips the histogram
+        (the costly part) for tensors whose range is only ever min-max."""
         a = np.asarray(array)
         if not np.issubdtype(a.dtype, np.floating):
             raise ModelError(f"tensor {name!r} has dtype {a.dtype}: only float activations are calibrated")
@@ -105,13 +107,17 @@ class TensorStats:
             raise DataError(f"tensor {name!r} has {bad} NaN or infinite values on the calibration data")
         e = _exponent(lo, hi, bins)
         start = math.floor(math.ldexp(lo, -e))
-        work = np.ldexp(flat, np.int32(-e))  # scaling by a power of two is exact, in the input's precision
-        np.floor(work, out=work)
-        idx = work.astype(np.int64)
-        idx -= start
-        counts = np.bincount(idx, minlength=bins).astype(np.int64)
-        del idx
-        np.square(flat, out=work)
+        if histogram:
+            work = np.ldexp(flat, np.int32(-e))  # scaling by a power of two is exact, in the input's precision
+            np.floor(work, out=work)
+            idx = work.astype(np.int64)
+            idx -= start
+            counts = np.bincount(idx, minlength=bins).astype(np.int64)
+            del idx
+            np.square(flat, out=work)
+        else:
+            counts = np.zeros(bins, dtype=np.int64)
+            work = np.square(flat)
         sum_sq = float(work.sum(dtype=np.float64))
         return cls(
             name=name,
@@ -123,6 +129,7 @@ class TensorStats:
             numel=flat.size // n_examples,
             sum_sq=sum_sq,
             zeros=int(flat.size - np.count_nonzero(flat)),
+            histogram=histogram,
         )
 
     def _rebinned(self, e: int, start: int) -> np.ndarray:
@@ -152,6 +159,7 @@ class TensorStats:
             numel=self.numel,
             sum_sq=self.sum_sq + other.sum_sq,
             zeros=self.zeros + other.zeros,
+            histogram=self.histogram and other.histogram,
         )
 
 
@@ -164,8 +172,8 @@ class StatsCollector:
         self.bins = bins
         self._stats: dict[str, TensorStats] = {}
 
-    def update(self, name: str, array: np.ndarray) -> None:
-        new = TensorStats.from_array(name, array, self.bins)
+    def update(self, name: str, array: np.ndarray, histogram: bool = True) -> None:
+        new = TensorStats.from_array(name, array, self.bins, histogram)
         old = self._stats.get(name)
         self._stats[name] = new if old is None else old.merge(new)
 
@@ -181,12 +189,15 @@ def collect(
     bins: int = DEFAULT_BINS,
     progress: bool = True,
     total: int | None = None,
+    minmax_only: Collection[str] = (),
 ) -> dict[str, TensorStats]:
     """Run ``model`` in onnxruntime on each batch and summarise the requested tensors.
 
     The tensors are added as graph outputs on a copy of the model; ``batches`` yields input arrays
     (or ``(x, y)`` tuples, as :meth:`laqonnx.data.DataSource.batches` does); ``total`` is the
     number of examples, for the progress bar. Only one batch of activations is alive at a time.
+    Tensors in ``minmax_only`` get no histogram (``TensorStats.histogram`` False): their range can
+    only be "minmax", and skipping the histogram roughly halves their cost.
     """
     import onnxruntime as ort
     from tqdm import tqdm
@@ -215,15 +226,16 @@ def collect(
         raise ModelError(f"onnxruntime cannot load the model for calibration: {exc}") from exc
     del copy
     collector = StatsCollector(bins)
+    cheap = set(minmax_only)
     bar = tqdm(total=total, desc="calibrating", unit="ex", disable=not progress, file=sys.stderr, leave=False)
     try:
         for batch in batches:
             x = np.ascontiguousarray(batch[0] if isinstance(batch, tuple) else batch, dtype=np.float32)
             if feeds[0] in tensors:
-                collector.update(feeds[0], x)
+                collector.update(feeds[0], x, feeds[0] not in cheap)
             if wanted:
                 for name, value in zip(wanted, session.run(wanted, {feeds[0]: x})):
-                    collector.update(name, value)
+                    collector.update(name, value, name not in cheap)
             bar.update(len(x))
     finally:
         bar.close()
@@ -311,6 +323,8 @@ def activation_range(stats: TensorStats, spec: ActivationQuant) -> tuple[float, 
     lo, hi = stats.min, stats.max
     if spec.method == "minmax" or lo == hi:
         return lo, hi
+    if not stats.histogram:
+        raise ValueError(f"tensor {stats.name!r} was calibrated without a histogram: only 'minmax' ranges apply")
     cached = stats._ranges.get(spec)  # stats are immutable: a range is computed once per setting
     if cached is None:
         cached = stats._ranges[spec] = _range(stats, spec)
@@ -383,6 +397,8 @@ def _sq_error(stats: TensorStats, rmin: float, rmax: float, spec: ActivationQuan
 
 def activation_error(stats: TensorStats, rmin: float, rmax: float, spec: ActivationQuant) -> float:
     """Expected per-example L2 norm of ``a - Q(a)`` (RMS over examples) for the range [rmin, rmax]."""
+    if not stats.histogram:
+        raise ValueError(f"tensor {stats.name!r} was calibrated without a histogram: its error is unknown")
     return math.sqrt(max(_sq_error(stats, rmin, rmax, spec), 0.0) / stats.n_examples)
 
 

@@ -346,7 +346,10 @@ def quantize(
         from .calibrate import collect
 
         batches, total, label = _calibration_batches(pm, calib, calib_limit, adversarial_calib, config.eps, config.norm)
-        stats = collect(pm.model, tensors, batches(), progress=progress, total=total)
+        # tensors that are no layer's input only ever get the default range: no histogram needed then
+        inputs = {layer.input for layer in pm.layers}
+        cheap = [t for t in tensors if t not in inputs] if space.default_activation.method == "minmax" else []
+        stats = collect(pm.model, tensors, batches(), progress=progress, total=total, minmax_only=cheap)
         timings["calibrate"] = time.perf_counter() - t
     elif plan is None:
         raise DataError("calibration data is required (--calib), unless re-applying a plan with --plan")

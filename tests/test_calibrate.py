@@ -245,3 +245,30 @@ def test_collect_errors() -> None:
         collect(model, ["c1"], [bad], progress=False)
     with pytest.raises(ValueError):
         StatsCollector(bins=4)
+
+
+def test_minmax_only_tensors_skip_the_histogram_but_keep_exact_summaries() -> None:
+    model = cnn()
+    names = [i.name for i in model.graph.input] + [n.output[0] for n in model.graph.node]
+    x = random_input(model, n=10, seed=4)
+    full = collect(model, names, [x[:4], x[4:]], bins=256, progress=False)
+    cheap = names[1::2]
+    part = collect(model, names, [x[:4], x[4:]], bins=256, progress=False, minmax_only=cheap)
+    for n in names:
+        a, b = full[n], part[n]
+        assert (a.min, a.max, a.n_examples, a.numel, a.zeros) == (b.min, b.max, b.n_examples, b.numel, b.zeros), n
+        assert b.sum_sq == pytest.approx(a.sum_sq, rel=1e-12)
+        assert activation_range(b, ActivationQuant()) == (a.min, a.max)
+        if n in cheap:
+            assert not b.histogram and b.total == 0
+            for spec in SPECS[2:]:
+                if a.min != a.max:
+                    with pytest.raises(ValueError, match="without a histogram"):
+                        activation_range(b, spec)
+            with pytest.raises(ValueError, match="without a histogram"):
+                activation_error(b, a.min, a.max, ActivationQuant())
+        else:
+            assert b.histogram
+            np.testing.assert_array_equal(a.counts, b.counts)
+            for spec in SPECS:
+                assert activation_range(b, spec) == activation_range(a, spec)

@@ -262,3 +262,24 @@ def test_weights_match_onnxruntime_quantizer_with_our_scales(bits: int, method: 
     for c in range(w.shape[0]):
         q_ort = quant_utils.quantize_nparray(qp.onnx_type, w[c].ravel(), np.float32(qp.scale[c]), qp.zero_point[c])
         np.testing.assert_array_equal(quantize(w, qp)[c].ravel(), q_ort)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (32, 64)])
+def test_mse_clip_per_channel_matches_the_full_grid(shape) -> None:
+    """8-bit per channel: the coarse-to-fine search finds, per channel, the brute-force optimum of
+    the whole MSE_CLIP_RATIOS grid (fake_quant errors, ties to the larger clip)."""
+    from laqonnx.quantizers import MSE_CLIP_RATIOS
+
+    w = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    qp = weight_qparams(w, WeightQuant(granularity=PerChannel(0), method="mse"))
+    maxabs = np.abs(w).reshape(shape[0], -1).max(axis=1)
+    for c in range(shape[0]):
+        best, best_err = None, np.inf
+        for r in MSE_CLIP_RATIOS[::-1]:
+            clip = np.float32(maxabs[c] * np.float32(r))
+            s = np.float32(np.float64(clip) * 2 / 254)
+            wq = np.clip(np.rint(w[c] / s), -128, 127).astype(np.float32) * s
+            err = float(np.sum((wq.astype(np.float64) - w[c]) ** 2))
+            if err < best_err:
+                best, best_err = s, err
+        assert qp.scale[c] == best, c
