@@ -34,6 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _resnet18(width: int, image_size: int):
     import torch
 
@@ -140,7 +149,8 @@ def main() -> int:
         "model": f"{source}(width={width}) at 3x{size}x{size}, random weights",
         "calibration": "64 uniform-random images in [0,1], batches of 32",
         "ort": "quantize_static QDQ, QUInt8 activations, QInt8 per-channel weights, MinMax",
-        "ours": "laqonnx.quantize defaults (objective laq, eps 8/255 Linf, int8, per-tensor+per-channel candidates, norm_max_spatial=32)",
+        "ours": "laqonnx.quantize defaults (objective laq, eps 8/255 Linf, int8, per-tensor+per-channel candidates, norm_max_spatial=32, Lanczos tol 1e-3, error-norm tol 1e-2)",
+        "git_commit": _git_commit(),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
         "note": "shared 2-core machine, heavily loaded by other engineers while measured: noisy; rerun on a quiet machine",
     }
