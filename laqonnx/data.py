@@ -396,7 +396,7 @@ def check_against_model(source: DataSource, input_shape: Sequence[int]) -> None:
 
 
 def open_data(
-    spec: str | os.PathLike,
+    spec: str | os.PathLike | DataSource | np.ndarray | tuple,
     *,
     input_shape: Sequence[int] | None = None,
     split: str = "test",
@@ -404,10 +404,32 @@ def open_data(
 ) -> DataSource:
     """Open a data source from a spec (see the module doc); check it fits ``input_shape`` if given.
 
-    ``split`` selects the digits split and the CIFAR batches of a folder; ``limit`` keeps the
-    first ``limit`` examples.
+    ``spec`` may also be in memory: a :class:`DataSource`, an array ``x`` or a tuple ``(x, y)``
+    (validated like an ``.npz``). ``split`` selects the digits split and the CIFAR batches of a
+    folder; ``limit`` keeps the first ``limit`` examples.
     """
-    text = os.fspath(spec)
+    if isinstance(spec, DataSource):
+        source: DataSource = spec
+    elif isinstance(spec, np.ndarray):
+        source = ArraySource(spec)
+    elif isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise DataError(f"in-memory data must be a tuple (x, y), got a tuple of {len(spec)} items")
+        source = ArraySource(spec[0], None if spec[1] is None else np.asarray(spec[1]))
+    elif isinstance(spec, (str, os.PathLike)):
+        source = _open_spec(os.fspath(spec), input_shape, split)
+    else:
+        raise DataError(f"unsupported data {type(spec).__name__}: give a path, 'digits', an array or (x, y)")
+    if input_shape is not None:
+        check_against_model(source, input_shape)
+    if limit is not None:
+        if int(limit) < 1:
+            raise DataError(f"limit must be positive, got {limit!r}")
+        source = Subset(source, np.arange(min(int(limit), len(source))))
+    return source
+
+
+def _open_spec(text: str, input_shape: Sequence[int] | None, split: str) -> DataSource:
     if text in ("digits", "digits:train", "digits:test", "digits:all"):
         source = _open_digits(text.split(":", 1)[1] if ":" in text else split, input_shape)
     else:
@@ -425,12 +447,6 @@ def open_data(
             source = _open_cifar(path, split)
         else:
             raise DataError(f"{path}: unrecognised data file (expected .npz or a CIFAR python batch)")
-    if input_shape is not None:
-        check_against_model(source, input_shape)
-    if limit is not None:
-        if int(limit) < 1:
-            raise DataError(f"limit must be positive, got {limit!r}")
-        source = Subset(source, np.arange(min(int(limit), len(source))))
     return source
 
 

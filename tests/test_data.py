@@ -326,3 +326,25 @@ def test_make_calib_image_folder_with_model_shape(tmp_path: Path) -> None:
     with np.load(out) as got:
         assert got["x"].shape == (6, 1, 8, 8) and got["y"].tolist() == [0, 0, 0, 1, 1, 1]
         np.testing.assert_array_equal(got["x"], _all(open_data(tmp_path / "imgs", input_shape=(1, 8, 8)))[0])
+
+
+def test_open_data_accepts_in_memory_arrays():
+    from laqonnx.data import ArraySource, open_data
+
+    x = np.random.default_rng(0).uniform(0, 1, (5, 1, 4, 4)).astype(np.float32)
+    y = np.arange(5)
+    source = open_data((x, y), input_shape=(1, 1, 4, 4))
+    (bx, by), = list(source.batches(8))
+    np.testing.assert_array_equal(bx, x)
+    np.testing.assert_array_equal(by, y)
+    assert open_data(source) is source
+    assert isinstance(open_data(x), ArraySource) and open_data(x).num_classes is None
+    assert len(open_data((x, y), limit=2)) == 2
+    with pytest.raises(DataError, match="model expects"):
+        open_data((x, y), input_shape=(1, 3, 4, 4))
+    with pytest.raises(DataError, match="NaN"):
+        open_data((np.full_like(x, np.nan), y))
+    with pytest.raises(DataError, match="tuple"):
+        open_data((x, y, y))
+    with pytest.raises(DataError, match="unsupported data"):
+        open_data(3.5)
