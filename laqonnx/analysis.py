@@ -38,7 +38,9 @@ class LayerAnalysis:
     lipschitz_note: str
     lipschitz_iterations: int
     gain: float | None  # bound from this layer's output to the network output
-    weight_error: WeightErrors
+    weight_error: WeightErrors  # of the weight as analysed (a quantized model: its dequantized weight)
+    weight_bits: int | None = None  # bits of a weight stored quantized (QDQ model); None: float
+    weight_granularity: str | None = None  # "per_tensor" / "per_channel" for a quantized weight
 
     def to_json(self) -> dict:
         return {
@@ -53,6 +55,8 @@ class LayerAnalysis:
             "lipschitz_iterations": self.lipschitz_iterations,
             "gain": self.gain,
             "weight_error": {k: getattr(self.weight_error, k) for k in WeightErrors.__dataclass_fields__},
+            "weight_bits": self.weight_bits,
+            "weight_granularity": self.weight_granularity,
         }
 
 
@@ -65,10 +69,12 @@ class Analysis:
     unknown_ops: tuple[str, ...]
     skipped: tuple[tuple[str, str, str], ...]  # (node name, op type, reason)
     warnings: tuple[str, ...]
+    quantized: bool = False  # the model as read was quantized (its dequantized weights are analysed)
 
     def to_json(self) -> dict:
         return {
             "model": self.model,
+            "quantized": self.quantized,
             "input_shape": list(self.input_shape),
             "layers": [layer.to_json() for layer in self.layers],
             "network_bound": self.network_bound,
@@ -117,6 +123,9 @@ def analyze(
 ) -> Analysis:
     """Per-layer Lipschitz constants, weight errors and the whole-network bound of ``model``.
 
+    A quantized (QDQ) model is analysed with its dequantized weights; its activation
+    QuantizeLinear/DequantizeLinear pairs count as identity (a warning says so).
+
     ``input_shape`` (batch first, e.g. ``(1, 3, 32, 32)``) is required when the model's input has
     a dynamic size other than the batch. Raises :class:`laqonnx.errors.ModelError` on bad input.
     """
@@ -143,6 +152,9 @@ def analyze(
             lipschitz_iterations=norms[layer.name].iterations,
             gain=bounds.gains.get(layer.name),
             weight_error=_weight_errors(pm.weight(layer), layer.channel_axis),
+            weight_bits=layer.weight_bits,
+            weight_granularity=None if layer.weight_qparams is None
+            else "per_channel" if layer.weight_qparams.per_channel else "per_tensor",
         )
         for layer in pm.layers
     )
@@ -150,6 +162,11 @@ def analyze(
     cpu = _cpu_warning()
     if cpu:
         warnings.append(cpu)
+    if pm.activation_qdq_pairs:
+        warnings.append(
+            f"activation quantization treated as identity ({pm.activation_qdq_pairs} QuantizeLinear/DequantizeLinear "
+            "pairs): the bound covers the dequantized weights, not activation rounding"
+        )
     for op in bounds.unknown_ops:
         warnings.append(f"no Lipschitz rule for {op}: the bound downstream of it is unknown")
     for s in pm.skipped:
@@ -165,4 +182,5 @@ def analyze(
         unknown_ops=bounds.unknown_ops,
         skipped=tuple((s.name, s.op_type, s.reason) for s in pm.skipped),
         warnings=tuple(warnings),
+        quantized=pm.quantized,
     )

@@ -4,6 +4,14 @@
 every later stage uses (checked, BN folded into the preceding Conv, shape-inferred, every node
 named), its single input and output, and the weighted layers (Conv, ConvTranspose, Gemm, MatMul
 with a constant operand) in topological order, each with its input shape at batch 1.
+
+A quantized (QDQ) model is read as its dequantized float equivalent: a
+``DequantizeLinear(initializer x, scale[, zero_point])`` is replaced by the float initializer
+``(x - zero_point) * scale`` (computed by :func:`laqonnx.quantizers.dequantize`, as ONNX does),
+and each layer records its weight's bits and quantization parameters. A
+``QuantizeLinear -> DequantizeLinear`` pair on an activation is removed (treated as identity:
+rounding is not Lipschitz, so the bound covers the dequantized weights without activation
+rounding). ``load_model(..., allow_quantized=False)`` refuses quantized models instead.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
+from ._qdq import count_quantized_nodes, strip_qdq
 from .errors import ModelError
+from .quantizers import QParams
 
 __all__ = ["Layer", "SkippedNode", "PreparedModel", "load_model", "WEIGHTED_OPS"]
 
@@ -43,6 +53,13 @@ class Layer:
     attrs: Mapping[str, Any] = field(hash=False)
     channel_axis: int
     index: int
+    weight_bits: int | None = None  # None: a float weight
+    weight_qparams: QParams | None = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def weight_quantized(self) -> bool:
+        """True when the weight was stored quantized (a DequantizeLinear of initializers)."""
+        return self.weight_bits is not None
 
 
 @dataclass(frozen=True)
@@ -64,7 +81,14 @@ class PreparedModel:
     layers: tuple[Layer, ...]
     skipped: tuple[SkippedNode, ...]
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
+    quantized_nodes: int = 0  # quantization nodes in the model as read (QDQ or QOperator)
+    activation_qdq_pairs: int = 0  # QuantizeLinear -> DequantizeLinear pairs removed (identity)
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def quantized(self) -> bool:
+        """True when the model as read was already quantized."""
+        return self.quantized_nodes > 0
 
     def initializer(self, name: str) -> np.ndarray:
         """The constant ``name`` (an initializer or a Constant node's value) as a numpy array."""
@@ -265,8 +289,11 @@ def _skip_constant_identities(graph: onnx.GraphProto) -> None:
                     node.input[i] = alias[name]
 
 
-def _fold_batchnorm(graph: onnx.GraphProto) -> None:
-    """Fold BatchNormalization (inference mode, constant params) into the Conv that feeds it."""
+def _fold_batchnorm(graph: onnx.GraphProto, keep: frozenset[str] = frozenset()) -> None:
+    """Fold BatchNormalization (inference mode, constant params) into the Conv that feeds it.
+
+    Convs whose weight is in ``keep`` (dequantized weights) are not folded: the BN rule bounds them.
+    """
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, int] = {}
     for node in graph.node:
@@ -286,7 +313,7 @@ def _fold_batchnorm(graph: onnx.GraphProto) -> None:
         if consumers.get(conv.output[0], 0) != 1 or conv.output[0] in graph_outputs:
             continue
         params = bn.input[1:5]
-        if not all(p in inits for p in params) or conv.input[1] not in inits:
+        if not all(p in inits for p in params) or conv.input[1] not in inits or conv.input[1] in keep:
             continue
         if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
             continue
@@ -381,7 +408,14 @@ def _resolve_pads(attrs: dict[str, Any], in_shape: tuple[int, ...] | None, nd: i
     return tuple(begin + end)
 
 
-def _walk(graph: onnx.GraphProto, consts: set[str], shapes: Mapping[str, tuple[int, ...]], wshapes: Mapping[str, tuple[int, ...]]):
+def _walk(
+    graph: onnx.GraphProto,
+    consts: set[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    wshapes: Mapping[str, tuple[int, ...]],
+    qparams: Mapping[str, QParams],
+    unsupported: Mapping[str, str],
+):
     layers: list[Layer] = []
     skipped: list[SkippedNode] = []
     for index, node in enumerate(graph.node):
@@ -403,6 +437,9 @@ def _walk(graph: onnx.GraphProto, consts: set[str], shapes: Mapping[str, tuple[i
         widx = 1
         if node.op_type == "MatMul" and const[0] and not const[1]:
             widx = 0
+        if not const[widx] and ins[widx] in unsupported:
+            skip(unsupported[ins[widx]])
+            continue
         if not const[widx]:
             skip("no constant weight operand (two activations)" if node.op_type in ("MatMul", "Gemm") else "weight is not a constant")
             continue
@@ -447,25 +484,39 @@ def _walk(graph: onnx.GraphProto, consts: set[str], shapes: Mapping[str, tuple[i
                 attrs=MappingProxyType(attrs),
                 channel_axis=axis,
                 index=index,
+                weight_bits=qparams[wname].bits if wname in qparams else None,
+                weight_qparams=qparams.get(wname),
             )
         )
     return tuple(layers), tuple(skipped)
 
 
 def load_model(
-    model: str | os.PathLike[str] | onnx.ModelProto, input_shape: Sequence[int] | None = None
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    input_shape: Sequence[int] | None = None,
+    *,
+    allow_quantized: bool = True,
 ) -> PreparedModel:
     """Load, check and prepare a model for analysis and quantization.
 
     ``input_shape`` (batch first) is needed when the model's input has a dynamic size other than
-    the batch; it must agree with every fixed dimension of the model. Raises :class:`ModelError`.
+    the batch; it must agree with every fixed dimension of the model. A quantized (QDQ) model is
+    prepared as its dequantized float equivalent (see the module doc), or refused with
+    ``allow_quantized=False`` (quantizing must start from the float model). Raises :class:`ModelError`.
     """
     proto, source = _read(model)
     _check(proto, source)
     graph = proto.graph
+    n_quant = count_quantized_nodes(graph)
+    if n_quant and not allow_quantized:
+        raise ModelError(
+            f"{source or 'the model'} is already quantized ({n_quant} QuantizeLinear/DequantizeLinear or QLinear nodes): "
+            "quantize the float model instead"
+        )
+    stripped = strip_qdq(graph)
     _name_nodes(graph)
     _skip_constant_identities(graph)
-    _fold_batchnorm(graph)
+    _fold_batchnorm(graph, frozenset(stripped.qparams))
     init_names = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init_names]
     if len(inputs) != 1:
@@ -481,9 +532,11 @@ def load_model(
     shapes = concrete_shapes(proto, inp.name, shape)
     wshapes = {t.name: tuple(int(d) for d in t.dims) for t in proto.graph.initializer}
     consts = set(wshapes) | set(_constant_nodes(proto))
-    layers, skipped = _walk(proto.graph, consts, shapes, wshapes)
+    layers, skipped = _walk(proto.graph, consts, shapes, wshapes, stripped.qparams, stripped.unsupported)
     if not layers:
         why = f" ({len(skipped)} skipped: {skipped[0].name} {skipped[0].reason})" if skipped else ""
+        if n_quant and not skipped:
+            why = " (QOperator-format quantized models, QLinearConv/ConvInteger, are not supported: use a QDQ model)"
         raise ModelError(
             f"{source or 'the model'} has no weighted layers (Conv, ConvTranspose, Gemm, MatMul with a constant operand){why}"
         )
@@ -496,4 +549,6 @@ def load_model(
         layers=layers,
         skipped=skipped,
         shapes=MappingProxyType(dict(shapes)),
+        quantized_nodes=n_quant,
+        activation_qdq_pairs=stripped.activation_pairs,
     )

@@ -332,7 +332,7 @@ def quantize(
     base_out = check_output_path(_baseline_path(out, baseline), *inputs, plan_in) if baseline else None
 
     raw = _model_bytes(model)
-    pm = load_model(model, input_shape)
+    pm = load_model(model, input_shape, allow_quantized=False)  # refuse an already-quantized model
     sha = hashlib.sha256(raw).hexdigest()
     timings["load"] = time.perf_counter() - t0
     tensors = quantized_tensors(pm.model)

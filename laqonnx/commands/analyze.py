@@ -10,7 +10,8 @@ from ..errors import ModelError
 __all__ = ["add_parser", "parse_shape", "format_table"]
 
 DESCRIPTION = """\
-Analyse a float ONNX model before quantizing it. BatchNormalization is folded into the preceding
+Analyse an ONNX model, float or quantized (QDQ: weights are dequantized, activation
+quantization counts as identity, and a "bits" column shows each stored weight's bits). BatchNormalization is folded into the preceding
 Conv, shapes are inferred, and for every weighted layer (Conv, ConvTranspose, Gemm, MatMul with a
 constant operand) it prints:
   - the Lipschitz constant: the L2 operator norm of the layer's linear map at its input shape
@@ -44,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="the float ONNX model (.onnx; external data next to it is loaded)")
+    p.add_argument("model", help="the ONNX model, float or QDQ-quantized (.onnx; external data next to it is loaded)")
     p.add_argument(
         "--input-shape",
         type=parse_shape,
@@ -61,20 +62,32 @@ def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "unknown" if x is None else format(x, spec)
 
 
+def _bits(x) -> str:
+    if x.weight_bits is None:
+        return "float"
+    return f"{x.weight_bits} {'C' if x.weight_granularity == 'per_channel' else 'T'}"
+
+
 def format_table(analysis) -> str:
-    head = ("layer", "op", "weight shape", "Lipschitz", "method", "int8 T", "int8 C", "int4 T", "int4 C")
+    quantized = any(x.weight_bits is not None for x in analysis.layers)
+    head = ("layer", "op", "weight shape", *(("bits",) if quantized else ()), "Lipschitz", "method",
+            "int8 T", "int8 C", "int4 T", "int4 C")
     rows = [head]
     for x in analysis.layers:
         e = x.weight_error
         rows.append((
-            x.name, x.op_type, "x".join(map(str, x.weight_shape)), _fmt(x.lipschitz), x.lipschitz_method,
+            x.name, x.op_type, "x".join(map(str, x.weight_shape)), *((_bits(x),) if quantized else ()),
+            _fmt(x.lipschitz), x.lipschitz_method,
             f"{e.int8_per_tensor:.2%}", f"{e.int8_per_channel:.2%}", f"{e.int4_per_tensor:.2%}", f"{e.int4_per_channel:.2%}",
         ))
+    method_col = head.index("method")
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < 2 or i == 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(c.ljust(w) if i < 2 or i == method_col else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
     lines.append("weight error = ||W - Q(W)||/||W||, symmetric max-abs; T per-tensor, C per-channel")
+    if quantized:
+        lines.append("bits: the stored weight's bits (QDQ model; Lipschitz and errors use the dequantized weight)")
     shape = ",".join(map(str, analysis.input_shape))
     lines.append(f"network Lipschitz bound (input {shape} -> output, L2): {_fmt(analysis.network_bound)}")
     for w in analysis.warnings:
