@@ -369,9 +369,11 @@ def _sq_errors(stats: TensorStats, rmin: np.ndarray, rmax: np.ndarray, spec: Act
     s = scale.astype(np.float64)[:, None]
     zp = zp[:, None]
     a, b = (tmin - zp) * s, (tmax - zp) * s
-    u, v = stats.edges[:-1][None], stats.edges[1:][None]
+    u, v = stats.edges[:-1], stats.edges[1:]
     m = stats.counts.astype(np.float64)
-    m = m - np.where((u[0] <= 0) & (v[0] > 0), stats.zeros, 0)
+    m = m - np.where((u <= 0) & (v > 0), stats.zeros, 0)
+    keep = m != 0  # empty bins contribute exactly 0
+    u, v, m = u[keep][None], v[keep][None], m[keep]
     dens = (m / (v[0] - u[0]))[None]
     inside = np.clip(np.minimum(v, b) - np.maximum(u, a), 0.0, None)
     above = np.where(v > b, ((v - b) ** 3 - (np.maximum(u, b) - b) ** 3) / 3.0, 0.0)

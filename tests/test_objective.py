@@ -170,7 +170,9 @@ def test_eps_conversion():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(objective="bogus"), dict(norm="1"), dict(eps=-1.0), dict(norm_max_spatial=0), dict(tol=0.0)]
+    "kwargs",
+    [dict(objective="bogus"), dict(norm="1"), dict(eps=-1.0), dict(norm_max_spatial=0), dict(tol=0.0),
+     dict(error_tol=0.0), dict(error_tol=1.0)],
 )
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
@@ -185,3 +187,8 @@ def test_candidate_space_validation():
     space = CandidateSpace(allow_float=True)
     assert None in space.weight_settings(0, (8, 32)) and None not in space.weight_settings(0, (8,))
     assert len(space.weight_settings(0, (8,))) == 6 and len(space.activation_settings()) == 4
+
+
+@pytest.mark.parametrize("tol, error_tol, expected", [(1e-3, None, 1e-2), (1e-6, None, 1e-5), (1e-3, 0.05, 0.05)])
+def test_error_norm_tolerance(tol, error_tol, expected):
+    assert ObjectiveConfig(tol=tol, error_tol=error_tol).error_norm_tol == pytest.approx(expected)
