@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -178,3 +180,136 @@ def test_torch_export_with_batchnorm_and_identity_params_is_folded():
     x = np.random.default_rng(0).uniform(0, 1, (3, 3, 6, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(pm.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_run(pm.model, x), net(torch.tensor(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ---- quantized (QDQ) models: read as their dequantized float equivalent -------------------------
+
+
+def ort_qdq(model: onnx.ModelProto, per_channel: bool, tmp_path) -> onnx.ModelProto:
+    """``model`` quantized by onnxruntime's own ``quantize_static`` (QDQ, int8 weights, uint8 activations)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    x = models.random_input(model, 8)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": x[i : i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, dst = tmp_path / f"f{per_channel}.onnx", tmp_path / f"q{per_channel}.onnx"
+    onnx.save(model, str(src))
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return onnx.load(str(dst))
+
+
+def dequantized_constants(qdq: onnx.ModelProto) -> dict[str, tuple[np.ndarray, onnx.TensorProto]]:
+    """Independent numpy reading of every DequantizeLinear of initializers: output -> ((x - zp) * scale, x)."""
+    inits = {t.name: t for t in qdq.graph.initializer}
+    out = {}
+    for node in qdq.graph.node:
+        if node.op_type != "DequantizeLinear" or not all(n in inits for n in node.input if n):
+            continue
+        x = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64)
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64) if len(node.input) > 2 else np.zeros_like(x[:0])
+        if scale.size > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape) if zp.size else 0
+        elif zp.size == 0:
+            zp = 0
+        out[node.output[0]] = (((x - zp).astype(np.float32) * scale.reshape(scale.shape if scale.size > 1 else ())).astype(np.float32),
+                               inits[node.input[0]])
+    return out
+
+
+@pytest.mark.parametrize("builder", ["cnn", "residual"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ort_qdq_model_reads_as_dequantized_float(builder, per_channel, tmp_path):
+    float_model = getattr(models, builder)()
+    qdq = ort_qdq(float_model, per_channel, tmp_path)
+    ref = load_model(float_model)
+    pm = load_model(qdq)
+    assert [x.name for x in pm.layers] == [x.name for x in ref.layers]
+    assert [x.weight_shape for x in pm.layers] == [x.weight_shape for x in ref.layers]
+    assert pm.quantized and not ref.quantized and pm.activation_qdq_pairs > 0 and not pm.skipped
+    consts = dequantized_constants(qdq)
+    for layer, fl in zip(pm.layers, ref.layers):
+        expected, stored = consts[layer.weight]
+        assert stored.data_type == TensorProto.INT8
+        assert layer.weight_bits == 8 and layer.weight_quantized and not fl.weight_quantized
+        assert layer.weight_qparams.per_channel == per_channel
+        np.testing.assert_array_equal(pm.weight(layer), expected)  # exactly ONNX's dequantization
+        assert np.abs(pm.weight(layer) - ref.weight(fl)).max() > 0  # really the quantized weight
+        assert layer.input_shape == fl.input_shape and layer.attrs == fl.attrs
+    ops = {n.op_type for n in pm.model.graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    with pytest.raises(ModelError, match="already quantized"):
+        load_model(qdq, allow_quantized=False)
+    load_model(float_model, allow_quantized=False)
+
+
+def _weight_only_qdq(model: onnx.ModelProto, etype: int, domain: str, opset: int) -> tuple[onnx.ModelProto, dict]:
+    """``model`` with every weight stored as ``etype`` per output channel behind a DequantizeLinear (no activation QDQ)."""
+    from laqonnx.quantizers import QParams, quantize
+
+    bits, signed = {TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False), TensorProto.INT8: (8, True),
+                    TensorProto.UINT8: (8, False), TensorProto.INT16: (16, True)}[etype]
+    m = copy.deepcopy(model)  # Conv, Relu, Flatten and Gemm are unchanged from opset 13 to 21
+    m.opset_import[0].version = opset
+    m.ir_version = 10 if opset >= 21 else 8
+    g = m.graph
+    weights = {n.input[1] for n in g.node if n.op_type in ("Conv", "Gemm")}
+    rng = np.random.default_rng(1)
+    expected = {}
+    for t in list(g.initializer):
+        if t.name not in weights:
+            continue
+        w = numpy_helper.to_array(t)
+        qmax = 2 ** (bits - 1) - 1
+        zp = rng.integers(-1, 2, w.shape[0]) if signed else rng.integers(qmax - 1, qmax + 2, w.shape[0])
+        scale = (np.abs(w).reshape(w.shape[0], -1).max(1) / (qmax - 1)).astype(np.float32)
+        qp = QParams(scale=scale, zero_point=zp, bits=bits, signed=signed, axis=0)
+        q = quantize(w, qp).astype(np.int64)
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        expected[f"{t.name}_dq"] = ((q - zp.reshape(shape)).astype(np.float32) * scale.reshape(shape)).astype(np.float32)
+        g.initializer.remove(t)
+        g.initializer.extend([
+            helper.make_tensor(f"{t.name}_q", etype, w.shape, q.ravel().tolist()),
+            numpy_helper.from_array(scale, f"{t.name}_scale"),
+            helper.make_tensor(f"{t.name}_zp", etype, [w.shape[0]], zp.tolist()),
+        ])
+        g.node.insert(0, helper.make_node("DequantizeLinear", [f"{t.name}_q", f"{t.name}_scale", f"{t.name}_zp"],
+                                          [f"{t.name}_dq"], name=f"{t.name}_DQ", axis=0, domain=domain))
+        for n in g.node:
+            for i, name in enumerate(n.input):
+                if name == t.name and n.op_type != "DequantizeLinear":
+                    n.input[i] = f"{t.name}_dq"
+    if domain:
+        m.opset_import.append(helper.make_opsetid(domain, 1))
+    onnx.checker.check_model(m)
+    return m, expected
+
+
+@pytest.mark.parametrize(
+    "etype,domain,opset",
+    [(TensorProto.INT4, "", 21), (TensorProto.UINT4, "", 21), (TensorProto.INT16, "", 21),
+     (TensorProto.UINT8, "", 13), (TensorProto.INT8, "com.microsoft", 17)],
+)
+def test_weight_only_qdq_matches_onnxruntime(etype, domain, opset):
+    import onnxruntime as ort
+
+    qdq, expected = _weight_only_qdq(models.cnn(), etype, domain, opset)
+    pm = load_model(qdq)
+    bits = 4 if etype in (TensorProto.INT4, TensorProto.UINT4) else 16 if etype == TensorProto.INT16 else 8
+    assert [x.name for x in pm.layers] == ["conv1", "conv2", "fc"]
+    assert [x.weight_bits for x in pm.layers] == [bits] * 3 and pm.activation_qdq_pairs == 0
+    for layer in pm.layers:
+        np.testing.assert_array_equal(pm.weight(layer), expected[layer.weight])
+    x = models.random_input(qdq, 3)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
+    np.testing.assert_allclose(run(pm.model), run(qdq), rtol=1e-5, atol=1e-5)
