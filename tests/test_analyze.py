@@ -175,3 +175,120 @@ def test_weight_from_numpy_helper_roundtrip():
     assert layer.lipschitz == pytest.approx(np.linalg.norm(w, 2), rel=1e-6)
     assert layer.weight_error.int8_per_channel == pytest.approx(_symmetric_error(w, 8, 1), rel=1e-4)
     assert a.network_bound == pytest.approx(layer.lipschitz)
+
+
+# ---- quantized (QDQ) models -------------------------------------------------------------------
+
+
+def _explicit_norm(float_model: onnx.ModelProto, layer, w: np.ndarray) -> float:
+    """Largest singular value of the layer's explicit matrix: onnxruntime applied to every basis input."""
+    import onnxruntime as ort
+
+    if layer.op_type == "Gemm":
+        return float(np.linalg.svd(w.astype(np.float64), compute_uv=False)[0])
+    node = next(n for n in float_model.graph.node if n.name == layer.name)
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="c")
+    conv.attribute.extend(node.attribute)
+    shape = layer.input_shape[1:]
+    graph = helper.make_graph([conv], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(w.astype(np.float32), "w")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    n = int(np.prod(shape))
+    basis = np.eye(n, dtype=np.float32).reshape(n, *shape)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": basis})[0]
+    return float(np.linalg.svd(y.reshape(n, -1).astype(np.float64), compute_uv=False)[0])
+
+
+def _check_quantized_analysis(float_model, qdq, bits: list[int]) -> dict:
+    from tests.test_graph import dequantized_constants
+
+    fa = laqonnx.analyze(float_model, progress=False)
+    qa = laqonnx.analyze(qdq, progress=False)
+    assert [x.name for x in qa.layers] == [x.name for x in fa.layers]
+    assert qa.quantized and not fa.quantized
+    consts = dequantized_constants(qdq if isinstance(qdq, onnx.ModelProto) else onnx.load(str(qdq)))
+    for x in qa.layers:
+        w, _ = consts[x.weight]
+        assert x.lipschitz == pytest.approx(_explicit_norm(float_model, x, w), rel=1e-5)  # exact methods here
+        assert x.lipschitz_method in ("svd", "spectral")
+    # the comparison above can tell the dequantized weight from the float one
+    assert max(abs(q.lipschitz / f.lipschitz - 1) for q, f in zip(qa.layers, fa.layers)) > 1e-4
+    assert [x.weight_bits for x in qa.layers] == bits
+    assert all(x.weight_bits is None for x in fa.layers)
+    doc = json.loads(json.dumps(qa.to_json()))
+    assert [x["weight_bits"] for x in doc["layers"]] == bits and doc["quantized"] is True
+    assert all(x["weight_bits"] is None and x["weight_granularity"] is None for x in fa.to_json()["layers"])
+    assert qa.network_bound is not None and qa.unknown_ops == ()
+    return doc
+
+
+@pytest.mark.parametrize("builder", ["cnn", "residual"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ort_quantized_model_lipschitz_is_the_dequantized_operator_norm(builder, per_channel, tmp_path):
+    from tests.test_graph import ort_qdq
+
+    float_model = getattr(models, builder)()
+    qdq = ort_qdq(float_model, per_channel, tmp_path)
+    doc = _check_quantized_analysis(float_model, qdq, [8] * len(load_model(float_model).layers))
+    gran = "per_channel" if per_channel else "per_tensor"
+    assert {x["weight_granularity"] for x in doc["layers"]} == {gran}
+    assert any(w.startswith("activation quantization treated as identity") for w in doc["warnings"])
+
+
+def test_int4_weight_only_opset21_lipschitz():
+    from tests.test_graph import _weight_only_qdq
+
+    qdq, _ = _weight_only_qdq(models.cnn(), TensorProto.INT4, "", 21)
+    doc = _check_quantized_analysis(models.cnn(), qdq, [4, 4, 4])
+    assert not any("activation quantization" in w for w in doc["warnings"])
+
+
+def _calib(model: onnx.ModelProto, n: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    return models.random_input(model, n, seed=3), np.arange(n) % 10
+
+
+@pytest.mark.parametrize("avg_bits", [None, 6.0])
+def test_laqonnx_quantized_model_analyzes(avg_bits, tmp_path):
+    float_model = models.cnn()
+    out = tmp_path / "cnn.int8.onnx"
+    res = laqonnx.quantize(float_model, out, _calib(float_model), avg_weight_bits=avg_bits, progress=False)
+    planned = {lp.name: lp.chosen.weight.bits for lp in res.plan.layers if lp.chosen.weight is not None}
+    qa = laqonnx.analyze(out, progress=False)
+    expected = [x.weight_bits for x in qa.layers]
+    assert {x.name: x.weight_bits for x in qa.layers if x.weight_bits is not None} == planned
+    assert set(expected) <= {4, 8} and (avg_bits is None) == (4 not in expected)
+    _check_quantized_analysis(float_model, out, expected)
+
+
+def test_cli_analyze_table_shows_bits_and_quantize_refuses_qdq(tmp_path, capsys):
+    from tests.test_graph import ort_qdq
+
+    qdq = ort_qdq(models.cnn(), True, tmp_path)
+    path = tmp_path / "cnn.qdq.onnx"
+    onnx.save(qdq, str(path))
+    assert main(["analyze", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0].split()
+    assert head[:5] == ["layer", "op", "weight", "shape", "bits"]
+    assert [line.split()[3:5] for line in out.splitlines()[2:5]] == [["8", "C"]] * 3
+    assert "warning: activation quantization treated as identity" in out
+    x, y = _calib(models.cnn())
+    np.savez(tmp_path / "calib.npz", x=x, y=y)
+    before = path.read_bytes()
+    code = main(["quantize", str(path), "-o", str(tmp_path / "again.onnx"), "--calib", str(tmp_path / "calib.npz")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "already quantized" in err
+    assert not (tmp_path / "again.onnx").exists() and path.read_bytes() == before
+
+
+def test_report_analyses_include_the_quantized_model(tmp_path):
+    from laqonnx.robustness.evaluate import _analyses
+    from tests.test_graph import ort_qdq
+
+    float_model = models.cnn()
+    qdq = ort_qdq(float_model, False, tmp_path)
+    out = _analyses([float_model, qdq], ["float", "int8"], (1, 8, 8))
+    assert set(out) == {"float", "int8"}
+    assert [x["name"] for x in out["int8"]["layers"]] == [x["name"] for x in out["float"]["layers"]]
+    assert [x["weight_bits"] for x in out["int8"]["layers"]] == [8, 8, 8]
