@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
 from ._qdq import count_quantized_nodes, strip_qdq
 from .errors import ModelError
