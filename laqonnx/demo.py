@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "METHODS", "DEMO_METHODS", "RECORD_METHODS", "MethodContext", "Quantized", "method", "int4_rule",
+    "METHODS", "DEMO_METHODS", "RECORD_METHODS", "SWEEP_METHODS", "MethodContext", "Quantized", "method", "int4_rule",
     "ort_mixed", "quantize_method", "DemoConfig", "DemoResult", "run_demo", "TABLE_COLUMNS", "QUICK",
 ]
 
 DEMO_METHODS: tuple[str, ...] = ("float", "ort-minmax", "ort-minmax-pc", "ort-entropy", "ort-percentile",
                                  "laq-int8", "ort-mixed", "laq-mixed")
 RECORD_METHODS: tuple[str, ...] = (*DEMO_METHODS, "mse-mixed", "lipschitz-mixed", "ort-int4", "laq-int4")
+SWEEP_METHODS: tuple[str, ...] = ("float", "ort-minmax-pc", "laq-int8", "laq-mixed")  # curves of adversarial models
 
 
 @dataclass(frozen=True)
@@ -340,16 +341,22 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
             made[name] = quantize_method(name, ctx)
             bar.update()
         bar.set_description(f"demo: evaluate {label}")
-        report = evaluate([str(q.path) for q in made.values()], "digits", cfg.eps, preset=cfg.preset,
-                          attacks=cfg.attacks, reference=str(float_path), limit=cfg.n_eval, latency=False,
-                          sweep=cfg.sweep, seed=cfg.seed, progress=progress)
+        curves = [n for n in made if cfg.sweep and n in (SWEEP_METHODS if adv != "none" else ("float",))]
+        evals = {}
+        for names, sweep in ((curves, True), ([n for n in made if n not in curves], False)):
+            if names:  # the robust-vs-eps sweep only where the report plots it (a readable figure)
+                rep = evaluate([str(made[n].path) for n in names], "digits", cfg.eps, preset=cfg.preset,
+                               attacks=cfg.attacks, reference=str(float_path), limit=cfg.n_eval, latency=False,
+                               sweep=sweep, seed=cfg.seed, progress=progress)
+                evals.update(zip(names, rep.models))
         bar.update()
         bar.set_description(f"demo: latency {label}")
         lat = compare_latency({n: q.path for n, q in made.items()}, batch_sizes=(1,), runs=cfg.latency_runs,
                               warmup=5, rounds=10)
         bar.update()
-        base = dict(zip(made, report.models))["float"]
-        for (name, q), ev in zip(made.items(), report.models):
+        base = evals["float"]
+        for name, q in made.items():
+            ev = evals[name]
             p50 = lat[name].at(1).p50_ms
             rows.append({"model": label, "method": name, "bits": q.avg_weight_bits, "kb": q.size_bytes / 1024,
                          "clean": ev.clean_accuracy, "robust": ev.robust_accuracy["worst_case"],

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from laqonnx.cli import main
-from laqonnx.demo import DEMO_METHODS, METHODS, RECORD_METHODS, DemoConfig, int4_rule, run_demo
+from laqonnx.demo import DEMO_METHODS, METHODS, RECORD_METHODS, SWEEP_METHODS, DemoConfig, int4_rule, run_demo
 from laqonnx.zoo.digits import load_digits
 
 pytest.importorskip("torch")
@@ -65,7 +65,7 @@ def test_cli_refuses_bad_options(argv, capsys):
 def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     cfg = DemoConfig(out_dir=tmp / "out", archs=("cnn",), adversarial=("pgd",), image_size=SIZE, epochs=3, width=8,
-                     n_eval=60, calib_limit=64, attacks=("pgd", "transfer"), sweep=False, latency_runs=10,
+                     n_eval=60, calib_limit=64, attacks=("pgd", "transfer"), sweep=True, latency_runs=10,
                      cache_dir=tmp / "cache")
     return cfg, run_demo(cfg, progress=False)
 
@@ -125,9 +125,16 @@ def test_report_files(demo):
     cfg, result = demo
     assert result.report == cfg.out_dir / "report" / "report.md"
     text = result.report.read_text()
-    for name in ("accuracy_tradeoff.png", "lipschitz.png"):
+    for name in ("accuracy_tradeoff.png", "lipschitz.png", "robust_vs_eps.png"):
         assert (cfg.out_dir / "report" / name).stat().st_size > 1000
         assert f"({name})" in text
     assert "cnn/pgd laq-mixed" in text
     assert (cfg.out_dir / "table.txt").read_text().strip() == result.table
-    assert len(json.loads(result.results_json.read_text())["rows"]) == len(DEMO_METHODS)
+    data = json.loads(result.results_json.read_text())
+    assert len(data["rows"]) == len(DEMO_METHODS)
+    # the robust-vs-eps sweep (0 .. 1.5 eps) only for the methods the figure shows
+    swept = {m["label"].split()[-1]: m.get("robust_vs_eps") for m in data["evaluation"]["models"]}
+    assert {k for k, v in swept.items() if v} == set(SWEEP_METHODS)
+    for curve in filter(None, swept.values()):
+        assert [p["eps"] for p in curve] == pytest.approx([0, 0.025, 0.05, 0.1, 0.15])
+        assert curve[0]["robust_accuracy"] >= curve[-1]["robust_accuracy"]
