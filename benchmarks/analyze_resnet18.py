@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         "best_threads": best,
         "stage_s_one_pass": {k: round(v, 3) for k, v in stage.items()},
         "operator_applications": iters,
+        "operator_applications_note": "full-size Lanczos steps (A^T A applications) per layer; large convs first solve a "
+                                      "circular problem on about half the input side (not counted here, in the timings)",
+        "lanczos_steps_total": sum(iters.values()),
         "network_bound": result.network_bound,
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

@@ -32,6 +32,11 @@ __all__ = [
 
 EXPLICIT_MAX_INPUT = 4096  # conv operators with at most this many input elements get an exact SVD
 _EXPLICIT_MAX_SIDE = 1024  # ... provided the smaller side of the explicit matrix is at most this
+_PERIOD_DIVISOR = 2  # a large Conv is warm-started from a circular problem on half its input side,
+_MIN_PERIOD = 16  # ... but never on a coarser frequency grid than 2 pi / 16 (it locked onto a lower mode at 7)
+_MIN_STALL_STEPS = 8  # Lanczos may stop on stagnation only after this many steps in a restart cycle
+_START_MIX = 0.1  # weight of a random component added to a warm start (keeps every mode in the Krylov space)
+_START_TOL = 1e-3  # the warm start only needs the right mode, not a converged value
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,52 @@ def _conv_adjoint(torch, layer: Layer, w):
     return adjoint
 
 
+def _periodic_start(torch, layer: Layer, w, shape: tuple[int, ...], tol: float, seed: int):
+    """A start vector for a large Conv: the top right singular vector of the same kernel as a
+    *circular* convolution on a small period ``m`` (per spatial axis), tiled over the input.
+
+    Away from the borders the zero-padded operator at the real size acts on an ``m``-periodic
+    input exactly like the circular one (the output grid is aligned because the stride divides
+    ``m``), so the tiled vector has nearly the top Rayleigh quotient and Lanczos at the real size
+    only refines it. Returns None when no period smaller than the input fits.
+    """
+    F = torch.nn.functional
+    a = layer.attrs
+    nd = len(layer.weight_shape) - 2
+    begin = list(a["pads"][:nd])
+    strides, dil, kernel = tuple(a["strides"]), tuple(a["dilations"]), tuple(a["kernel_shape"])
+    sizes = shape[2:]
+    periods = []
+    for n, s, k, d in zip(sizes, strides, kernel, dil):
+        extent = (k - 1) * d + 1
+        m = max(extent, -(-n // _PERIOD_DIVISOR), _MIN_PERIOD)
+        m = -(-m // s) * s  # a multiple of the stride
+        periods.append(m)
+    if all(m >= n for m, n in zip(periods, sizes)):
+        return None
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    kw = dict(stride=strides, dilation=dil, groups=int(a["group"]))
+    right = [(k - 1) * d for k, d in zip(kernel, dil)]
+    dims = tuple(range(2, 2 + nd))
+    small = (1, shape[1], *periods)
+
+    def circular(x):  # y[o] = sum_k w[k] x[(o s + k d - begin) mod m]
+        x = torch.roll(x, shifts=tuple(begin), dims=dims)
+        if any(right):
+            reps = [1, 1, *[1 + -(-r // m) for r, m in zip(right, periods)]]
+            x = x.repeat(*reps)[(slice(None), slice(None), *[slice(0, m + r) for m, r in zip(periods, right)])]
+        return conv(x, w, **kw)
+
+    _, vec, _, _ = _iterative_sigma(torch, circular, small, None, max(tol, _START_TOL), 200, seed)
+    reps = [1, *[-(-n // m) for n, m in zip(sizes, periods)]]
+    tiled = np.tile(vec, reps)[(slice(None), *[slice(0, n) for n in sizes])]
+    for axis, n in enumerate(sizes):
+        env = np.sin(np.pi * (np.arange(n) + 1.0) / (n + 1.0)).astype(np.float32)  # lowest box mode
+        tiled = tiled * env.reshape((n,) + (1,) * (len(sizes) - 1 - axis))
+    r = np.random.default_rng(seed).standard_normal(tiled.shape).astype(np.float32)
+    return tiled / np.linalg.norm(tiled) + _START_MIX * r / np.linalg.norm(r)
+
+
 def _explicit_sigma(torch, fn, shape: tuple[int, ...]):
     n_in = int(np.prod(shape[1:]))
     with torch.no_grad():
@@ -181,7 +232,7 @@ def _lanczos_sigma(torch, normal, v0, tol: float, max_iter: int, restart: int | 
             history.append(sigma)
             y = torch.from_numpy(vecs[:, -1].astype(np.float32))
             done = beta * abs(vecs[-1, -1]) <= tol * theta or beta <= 1e-12 * max(theta, 1e-30)
-            if len(history) >= 3 and all(history[-i] - history[-i - 1] <= 0.1 * tol * sigma for i in (1, 2)):
+            if len(history) >= _MIN_STALL_STEPS and all(history[-i] - history[-i - 1] <= 0.1 * tol * sigma for i in (1, 2)):
                 done = True
             if done or total >= max_iter:
                 ritz = y @ qs
@@ -215,10 +266,12 @@ def _iterative_sigma(torch, fn, shape: tuple[int, ...], init, tol, max_iter, see
     return sigma, vec.numpy().reshape(shape[1:]), its, note
 
 
-def linear_map_norm(fn_builder, shape: tuple[int, ...], *, tol: float, max_iter: int, seed: int, init, adjoint_builder=None):
+def linear_map_norm(fn_builder, shape: tuple[int, ...], *, tol: float, max_iter: int, seed: int, init, adjoint_builder=None,
+                    start=None):
     """Norm of the torch linear map ``fn_builder(dtype)`` at input ``shape``: exact if small.
 
     ``adjoint_builder(dtype)``, if given, builds the adjoint map (else autograd provides it).
+    ``start()``, if given, returns a start vector (or None) for the iterative case when ``init`` is None.
     """
     torch = _torch()
     n_in = int(np.prod(shape[1:]))
@@ -228,6 +281,8 @@ def linear_map_norm(fn_builder, shape: tuple[int, ...], *, tol: float, max_iter:
         sigma, vec = _explicit_sigma(torch, fn_builder(torch.float64), shape)
         return OperatorNorm(sigma, "svd", 0, "", vec)
     adjoint = adjoint_builder(torch.float32) if adjoint_builder is not None else None
+    if init is None and start is not None:
+        init = start()
     sigma, vec, its, note = _iterative_sigma(torch, fn_builder(torch.float32), shape, init, tol, max_iter, seed, adjoint)
     return OperatorNorm(sigma, "lanczos", its, note, vec)
 
@@ -274,7 +329,11 @@ def _conv_norm(layer: Layer, weight: np.ndarray, tol: float, max_iter: int, seed
 
     try:
         with torch.no_grad():
-            return linear_map_norm(build, shape, tol=tol, max_iter=max_iter, seed=seed, init=init, adjoint_builder=build_adjoint)
+            start = None
+            if layer.op_type == "Conv":
+                start = lambda: _periodic_start(torch, layer, torch.tensor(np.asarray(weight)), shape, tol, seed)  # noqa: E731
+            return linear_map_norm(build, shape, tol=tol, max_iter=max_iter, seed=seed, init=init, adjoint_builder=build_adjoint,
+                                   start=start)
     except RuntimeError as exc:  # e.g. a geometry torch does not support
         return _reshaped_bound(layer, weight, f"torch could not apply the operator ({type(exc).__name__}: {str(exc)[:120]})")
 
