@@ -368,3 +368,24 @@ def test_periodic_warm_start_matches_cold_start_in_fewer_steps(case):
     sess = ort.InferenceSession(pm.model.SerializeToString(), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"input": x.numpy().astype(np.float32)})[0] - sess.run(None, {"input": np.zeros_like(x.numpy(), dtype=np.float32)})[0]
     assert float(np.linalg.norm(out) / np.linalg.norm(warm.vector)) == pytest.approx(warm.value, rel=1e-3)
+
+
+@pytest.mark.parametrize("load,threads_inside", [(0.0, 2), (99.0, 1)])
+def test_conv_norm_runs_single_threaded_only_on_a_busy_machine(monkeypatch, load, threads_inside):
+    import laqonnx.lipschitz as lip
+
+    before = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(lip.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(lip.os, "cpu_count", lambda: 2)
+    real = lip._lanczos_sigma
+    monkeypatch.setattr(lip, "_lanczos_sigma", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    op, in_shape, w_shape, attrs = CONV_CASES["lanczos-stride2"]
+    pm = load_model(_single(op, in_shape, np.random.default_rng(0).normal(0, 0.5, w_shape), **attrs))
+    torch.set_num_threads(2)
+    try:
+        operator_norm(pm.layers[0], pm.weight(pm.layers[0]))
+        assert seen and set(seen) == {threads_inside}
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
