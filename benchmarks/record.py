@@ -303,6 +303,13 @@ def claim1(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ RESULTS.md
 
 
+def _seeds(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
+    out: dict[str, set[int]] = {}
+    for r in rows:
+        out.setdefault(r["arch"], set()).update(r["seeds"])
+    return {a: sorted(v) for a, v in sorted(out.items())}
+
+
 def _attacks(preset: str, only: Any = None) -> str:
     from laqonnx.robustness.attacks import PRESETS
 
@@ -344,7 +351,8 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], r18: dict[str, 
          f"- Data: scikit-learn's bundled digits, stratified 80/20 split, upsampled to 16x16, 1 channel. Models: "
          "`laqonnx.zoo.get_model(arch, training, seed=s)` with the zoo's default configs (cnn 15 epochs, resnet and "
          "mobilenet 10; PGD training at L∞ ε = 0.1, 5 steps).",
-         f"- Seeds: {', '.join(map(str, s['seeds']))} (training seed = attack seed); every figure is the median over seeds.",
+         "- Seeds (training seed = attack seed; every figure is the median over the seeds listed): "
+         + "; ".join(f"{a}: {', '.join(map(str, sd))}" for a, sd in _seeds(rows).items()) + ".",
          f"- Robust accuracy: `laqonnx.evaluate`, preset `{s['preset']}` restricted to {_attacks(s['preset'], s.get('attacks'))} "
          "(white-box attacks on the fake-quant mirror, transfer PGD crafted on the float model), per-example "
          f"worst case, scored on onnxruntime, L∞ ε = {s['eps']:g}, first {s['examples']} test examples.",
