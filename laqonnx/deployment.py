@@ -9,13 +9,14 @@ and, when labels are given, ``topk_labels`` (string ``[k]``).
 
 The pipeline, in order (the reference any test or user should reproduce):
 
-1. refuse bytes that are neither a PNG (signature) nor a complete JPEG (``FF D8 FF`` ... ``FF D9``);
-2. decode to BGR uint8 (``DecodeImage``; PNG alpha is dropped, palette/gray PNGs expand to 3 channels,
-   grayscale JPEGs are refused: the extensions' decoder garbles them). PNG decoding equals PIL's; JPEG
-   decoding differs from PIL's by up to 2 grey levels on smooth colour images (chroma upsampling),
-   more on high-frequency chroma. Limitation of onnxruntime-extensions 0.15: a JPEG with a valid start
-   and end but corrupt markers inside still reaches libjpeg, whose error handler ends the process;
-   step 1 stops garbage, other formats and truncated files, not that;
+1. refuse bytes that are neither a PNG (signature) nor a well-formed JPEG (``FF D8 FF`` ... ``FF D9``,
+   every marker segment checked by an in-graph walk, see :mod:`laqonnx._deploy_steps`), and grayscale
+   JPEGs (the extensions' decoder garbles them): libjpeg's error handler in onnxruntime-extensions 0.15
+   ends the process, so malformed markers, tables and frame headers must not reach it;
+2. decode to BGR uint8 (``DecodeImage``; PNG alpha is dropped, palette/gray PNGs expand to 3 channels).
+   PNG decoding equals PIL's; JPEG decoding differs from PIL's by up to 2 grey levels on smooth colour
+   images (chroma upsampling), more on high-frequency chroma. Corrupt entropy-coded data is decoded
+   with libjpeg's warnings (garbage pixels, a class, no error);
 3. channels: ``rgb`` reverses to RGB (PIL ``convert("RGB")``), ``bgr`` keeps BGR, ``gray`` is PIL's
    ``convert("L")`` bit for bit (integer ITU-R 601-2 weights, rounded);
 4. resize so the shorter side is ``resize`` (default ``image_size``), the longer side

@@ -31,6 +31,7 @@ import laqonnx  # noqa: E402
 from laqonnx.cli import main  # noqa: E402
 from laqonnx.deployment import DeployOptions, build_deployed_model, deploy, read_labels  # noqa: E402
 from laqonnx.errors import DataError, ModelError, OutputError  # noqa: E402
+from tests import jpeg_fuzz  # noqa: E402
 from tests.models import cnn, random_input  # noqa: E402
 
 ORT_ERRORS = (Fail, RuntimeException)
@@ -250,6 +251,91 @@ def test_corrupt_bytes_raise_from_session_and_session_survives(rgb_session, kind
         rgb_session.run(None, {"image_bytes": np.frombuffer(_bad_inputs()[kind], np.uint8)})
     good = run_deployed(rgb_session, encode(smooth(S, S), "PNG"))
     assert good["topk_scores"].shape == (3,)
+
+
+# ---------------------------------------------------------------- malformed JPEGs (libjpeg would exit the process)
+def test_fuzzed_jpegs_give_session_errors_never_process_deaths(tmp_path):
+    """A fixed seeded set (4 per corruption kind, 52, colour sources): with only the signature/end check, 35
+    of them killed the process and 17 decoded; with the segment walk 36 are refused and 16 decode."""
+    deployed, _ = build_deployed_model(cnn(seed=0, in_ch=3, hw=S), DeployOptions(top_k=3))
+    path = tmp_path / "m.onnx"
+    onnx.save(deployed, path)
+    variants = jpeg_fuzz.variants(seed=0, n_per_kind=4)
+    outcomes = jpeg_fuzz.run(str(path), [d for _, d in variants])
+    died = [kind for (kind, _), out in zip(variants, outcomes) if out == "died"]
+    assert died == []
+    assert outcomes.count("error") >= 30  # the ones that used to kill it are refused ...
+    # ... while the valid sources still decode (colour) or are refused (grayscale, on purpose)
+    assert jpeg_fuzz.run(str(path), list(jpeg_fuzz.sources().values())) == ["ok"] * 4 + ["error"] * 2
+
+
+def _unguarded(monkeypatch) -> onnx.ModelProto:
+    """The deployed model with the JPEG segment walk replaced by 'accept, 3 components' (the previous guard)."""
+    from laqonnx import _deploy_steps
+
+    def accept(xi: str, out: str, components: str) -> list:
+        return [helper.make_node("Constant", [], [out], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])),
+                helper.make_node("Constant", [], [components], value=helper.make_tensor("c", TensorProto.INT64, [], [3]))]
+
+    monkeypatch.setattr(_deploy_steps, "_jpeg_structure_nodes", accept)
+    deployed, _ = build_deployed_model(cnn(seed=1, in_ch=3, hw=S), DeployOptions(top_k=4))
+    return deployed
+
+
+@pytest.mark.parametrize("name", [n for n in jpeg_fuzz.sources() if n.startswith("rgb")])
+def test_valid_colour_jpegs_pass_the_walk_unchanged(name, monkeypatch):
+    data = np.frombuffer(jpeg_fuzz.sources()[name], np.uint8)
+    guarded, _ = build_deployed_model(cnn(seed=1, in_ch=3, hw=S), DeployOptions(top_k=4))
+    got = run_deployed(session(guarded), data)
+    ref = run_deployed(session(_unguarded(monkeypatch)), data)
+    assert got.keys() == ref.keys()
+    for key in got:
+        np.testing.assert_array_equal(got[key], ref[key])
+
+
+@pytest.mark.parametrize("name", [n for n in jpeg_fuzz.sources() if n.startswith("gray")])
+def test_grayscale_jpegs_are_refused_before_decoding(rgb_session, name):
+    with pytest.raises(ORT_ERRORS, match="grayscale_JPEG"):
+        rgb_session.run(None, {"image_bytes": np.frombuffer(jpeg_fuzz.sources()[name], np.uint8)})
+
+
+def _with_segment(data: bytes, marker: int, payload: bytes) -> bytes:
+    """``data`` with one marker segment inserted right after SOI."""
+    return data[:2] + bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+def _dht(counts: list[int], symbols: list[int], table: int = 0x00) -> bytes:
+    return bytes([table, *counts, *symbols])
+
+
+@pytest.mark.parametrize(
+    "segment, accepted",
+    [
+        ((0xFE, b"a comment"), True),
+        ((0xE5, b""), True),
+        ((0xC4, _dht([1, 1] + [0] * 14, [3, 4], 0x02)), True),  # DC table 2: codes 0, 10 (Kraft 3/4)
+        # refused even though libjpeg checks these only in tables a scan uses (where they ended the process)
+        ((0xC4, _dht([2] + [0] * 15, [3, 4], 0x02)), False),  # two 1-bit codes: Kraft sum 1
+        ((0xC4, _dht([1, 1] + [0] * 14, [3, 16], 0x02)), False),  # DC symbol 16 > 15
+        ((0xC4, _dht([1, 1] + [0] * 14, [3, 16], 0x12)), True),  # ... fine in an AC table
+        ((0xC4, _dht([1, 1] + [0] * 14, [3, 4], 0x04)), False),  # table id 4
+        ((0xC4, _dht([1, 1] + [0] * 14, [3, 4], 0x02) + b"\x00"), False),  # trailing byte
+        ((0xDB, bytes([0x02]) + bytes(range(1, 65))), True),
+        ((0xDB, bytes([0x04]) + bytes(range(1, 65))), False),  # quantization table id 4
+        ((0xDB, bytes([0x12]) + bytes(range(1, 65))), False),  # 16-bit table, 64 bytes short (libjpeg: read on)
+        ((0xDD, b"\x00\x10"), True),
+        ((0xDD, b"\x00\x10\x00"), False),
+        ((0xC3, bytes(9)), False),  # lossless SOF
+        ((0xD8, b""), False),  # second SOI
+    ],
+)
+def test_segment_walk_on_crafted_segments(rgb_session, segment, accepted):
+    data = np.frombuffer(_with_segment(jpeg_fuzz.sources()["rgb_base_q95_444"], *segment), np.uint8)
+    if accepted:
+        assert run_deployed(rgb_session, data)["topk_scores"].shape == (3,)
+    else:
+        with pytest.raises(ORT_ERRORS, match="well-formed_JPEG"):
+            rgb_session.run(None, {"image_bytes": data})
 
 
 def _gemm_model(in_dims: list, name: str = "input") -> onnx.ModelProto:
