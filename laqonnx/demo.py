@@ -24,7 +24,6 @@ same registry. The mixed-precision comparison is at equal average weight bits:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import io
 import time
@@ -166,33 +165,11 @@ _ort("ort-percentile", "ort-percentile", False)
 
 def ort_mixed(pm: Any, batches: Sequence[np.ndarray], int4_weights: Sequence[str]) -> Any:
     """onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel, uint8 activations, int8 weights)
-    with int4 weights on ``int4_weights`` (``TensorQuantOverrides``; the model is converted to
-    opset 21 first, which int4 ``DequantizeLinear`` needs). Returns the ModelProto."""
-    import logging
-    import tempfile
+    with int4 weights on ``int4_weights``. Returns the ModelProto."""
+    from .lower import ort_baseline
 
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from .lower import _Reader
-
-    work = copy.deepcopy(pm.model)
-    if int4_weights:
-        work = onnx.shape_inference.infer_shapes(onnx.version_converter.convert_version(work, 21))
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix="laqonnx-ort-mixed-") as tmp:
-            out = Path(tmp) / "mixed.onnx"
-            quantize_static(work, str(out), _Reader(pm.input_name, batches), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"TensorQuantOverrides": {w: [{"quant_type": QuantType.QInt4}]
-                                                                    for w in int4_weights}})
-            return onnx.load(str(out))
-    finally:
-        root.setLevel(level)
+    return ort_baseline(pm.model, pm.input_name, batches, method="ort-minmax", per_channel=True,
+                        int4_weights=int4_weights)
 
 
 def _ort_int4(name: str, everything: bool) -> None:

@@ -21,9 +21,10 @@ plain ``quantize_static`` for side-by-side comparisons. The input model is never
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,6 +134,18 @@ def _opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantizer logs "please pre-process" warnings on the root logger: mute them."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _to_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     from onnx import version_converter
 
@@ -191,27 +204,23 @@ def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
         "ActivationSymmetric": spec.default.symmetric,
         "WeightSymmetric": True,
     }
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # onnxruntime's quantizer logs "please pre-process" warnings at root level
     try:
-        quantizer = QDQQuantizer(
-            work,
-            False,  # per_channel: decided per weight by the overrides
-            False,  # reduce_range
-            _quant_type(8, True),
-            _quant_type(8, spec.default.signed),
-            TensorsData(CalibrationMethod.MinMax, data),
-            [],
-            list(spec.exclude),
-            sorted(ORT_QUANTIZED_OPS),
-            extra,
-        )
-        quantizer.quantize_model()
+        with _quiet_root_logger():
+            quantizer = QDQQuantizer(
+                work,
+                False,  # per_channel: decided per weight by the overrides
+                False,  # reduce_range
+                _quant_type(8, True),
+                _quant_type(8, spec.default.signed),
+                TensorsData(CalibrationMethod.MinMax, data),
+                [],
+                list(spec.exclude),
+                sorted(ORT_QUANTIZED_OPS),
+                extra,
+            )
+            quantizer.quantize_model()
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelError(f"onnxruntime's quantizer rejected the plan: {exc}") from exc
-    finally:
-        root.setLevel(level)
     quantizer.model.topological_sort()  # what quantize_static does when it saves; keeps onnx.checker happy
     out = quantizer.model.model
     out.producer_name = "laqonnx"
@@ -246,10 +255,13 @@ def ort_baseline(
     *,
     method: str = "ort-minmax",
     per_channel: bool = False,
+    int4_weights: Sequence[str] = (),
 ) -> onnx.ModelProto:
     """onnxruntime's plain ``quantize_static``: QDQ, uint8 activations, int8 weights, ``method``'s
-    calibration, per-channel iff asked. Returns the model (written by onnxruntime in a temporary
-    folder and read back, so the caller writes the output atomically)."""
+    calibration, per-channel iff asked; the weights named in ``int4_weights`` get int4 through
+    ``TensorQuantOverrides`` (the model is converted to opset 21 first, which int4
+    ``DequantizeLinear`` needs). Returns the model (written by onnxruntime in a temporary folder and
+    read back, so the caller writes the output atomically)."""
     import tempfile
     from pathlib import Path
 
@@ -262,22 +274,22 @@ def ort_baseline(
     }
     if method not in methods:
         raise ValueError(f"baseline must be one of {BASELINES}, got {method!r}")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix="laqonnx-baseline-") as tmp:
-            path = Path(tmp) / "baseline.onnx"
-            quantize_static(
-                copy.deepcopy(model),
-                str(path),
-                _Reader(input_name, batches),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=methods[method],
-            )
-            return onnx.load(str(path))
-    finally:
-        root.setLevel(level)
+    work = copy.deepcopy(model)
+    extra = {}
+    if int4_weights:
+        work = _to_opset(work, QDQ_OPSET_FOR_LOW_BITS) if _opset(work) < QDQ_OPSET_FOR_LOW_BITS else work
+        extra["TensorQuantOverrides"] = {w: [{"quant_type": QuantType.QInt4}] for w in int4_weights}
+    with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix="laqonnx-baseline-") as tmp:
+        path = Path(tmp) / "baseline.onnx"
+        quantize_static(
+            work,
+            str(path),
+            _Reader(input_name, batches),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            extra_options=extra,
+        )
+        return onnx.load(str(path))
