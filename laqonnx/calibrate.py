@@ -212,12 +212,9 @@ def collect(
     if unknown:
         raise ModelError(f"tensors not produced by the model: {', '.join(map(str, unknown))}")
     wanted = list(dict.fromkeys(t for t in tensors if t != feeds[0]))
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    existing = {o.name for o in copy.graph.output}
-    for name in wanted:
-        if name not in existing:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+    from .graph import with_outputs
+
+    copy = with_outputs(model, wanted)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:

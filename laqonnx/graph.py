@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -32,7 +32,7 @@ from ._qdq import count_quantized_nodes, strip_qdq
 from .errors import ModelError
 from .quantizers import QParams
 
-__all__ = ["Layer", "SkippedNode", "PreparedModel", "load_model", "WEIGHTED_OPS"]
+__all__ = ["Layer", "SkippedNode", "PreparedModel", "load_model", "with_outputs", "WEIGHTED_OPS"]
 
 WEIGHTED_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -205,17 +205,25 @@ def concrete_shapes(proto: onnx.ModelProto, input_name: str, shape: tuple[int, .
     return shapes
 
 
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with the tensors ``names`` added as graph outputs (so onnxruntime
+    returns intermediate activations); ``model`` is not modified."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in have:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))
+            have.add(name)
+    return out
+
+
 def _ort_shapes(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...], names: list[str]) -> dict[str, tuple[int, ...]]:
     """Shapes that shape inference could not resolve, by running onnxruntime once on zeros."""
     try:
         import onnxruntime as ort
 
-        m = onnx.ModelProto()
-        m.CopyFrom(proto)
-        have = {o.name for o in m.graph.output}
-        for name in names:
-            if name not in have:
-                m.graph.output.append(onnx.ValueInfoProto(name=name))
+        m = with_outputs(proto, names)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.log_severity_level = 3
