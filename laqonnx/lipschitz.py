@@ -9,15 +9,14 @@ DAG with per-op rules registered in :data:`RULES` with :func:`register_rule`.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
 import onnx
 
+from ._threads import compute_threads
 from .graph import Layer, PreparedModel
 
 __all__ = [
@@ -80,28 +79,6 @@ def _torch():
         return torch
     except ImportError:
         return None
-
-
-@contextmanager
-def _threads_for_load(torch):
-    """Run torch single-threaded while the machine is busy (1-minute load >= CPU count).
-
-    Measured on the 2-core shared machine at load ~5: the ResNet-18 norms took 13 s with 1 torch
-    thread and 112 s with 2 (oversubscribed intra-op threads). On an idle machine torch's own
-    thread count is kept.
-    """
-    before = torch.get_num_threads()
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except OSError:  # no load average on this platform
-        busy = False
-    if busy and before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _conv_map(torch, layer: Layer, w):
@@ -167,7 +144,6 @@ def _periodic_start(torch, layer: Layer, w, shape: tuple[int, ...], tol: float, 
     ``m``), so the tiled vector has nearly the top Rayleigh quotient and Lanczos at the real size
     only refines it. Returns None when no period smaller than the input fits.
     """
-    F = torch.nn.functional
     a = layer.attrs
     nd = len(layer.weight_shape) - 2
     begin = list(a["pads"][:nd])
@@ -181,20 +157,10 @@ def _periodic_start(torch, layer: Layer, w, shape: tuple[int, ...], tol: float, 
         periods.append(m)
     if all(m >= n for m, n in zip(periods, sizes)):
         return None
-    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    kw = dict(stride=strides, dilation=dil, groups=int(a["group"]))
-    right = [(k - 1) * d for k, d in zip(kernel, dil)]
-    dims = tuple(range(2, 2 + nd))
     small = (1, shape[1], *periods)
 
-    def circular(x):  # y[o] = sum_k w[k] x[(o s + k d - begin) mod m]
-        x = torch.roll(x, shifts=tuple(begin), dims=dims)
-        if any(right):
-            reps = [1, 1, *[1 + -(-r // m) for r, m in zip(right, periods)]]
-            x = x.repeat(*reps)[(slice(None), slice(None), *[slice(0, m + r) for m, r in zip(periods, right)])]
-        return conv(x, w, **kw)
-
-    _, vec, _, _ = _iterative_sigma(torch, circular, small, None, max(tol, _START_TOL), 200, seed)
+    circular, adjoint = _circular_conv(torch, w, tuple(begin), tuple(periods), strides, dil, int(a["group"]))
+    _, vec, _, _ = _iterative_sigma(torch, circular, small, None, max(tol, _START_TOL), 200, seed, adjoint)
     reps = [1, *[-(-n // m) for n, m in zip(sizes, periods)]]
     tiled = np.tile(vec, reps)[(slice(None), *[slice(0, n) for n in sizes])]
     for axis, n in enumerate(sizes):
@@ -202,6 +168,38 @@ def _periodic_start(torch, layer: Layer, w, shape: tuple[int, ...], tol: float, 
         tiled = tiled * env.reshape((n,) + (1,) * (len(sizes) - 1 - axis))
     r = np.random.default_rng(seed).standard_normal(tiled.shape).astype(np.float32)
     return tiled / np.linalg.norm(tiled) + _START_MIX * r / np.linalg.norm(r)
+
+
+def _circular_conv(torch, w, shifts: tuple[int, ...], periods: tuple[int, ...], strides, dil, groups: int):
+    """The conv with kernel ``w`` as a circular convolution on period ``periods`` (each a multiple of
+    its stride and at least the kernel extent), and its explicit adjoint (cheaper than autograd):
+    ``y[o] = sum_k w[k] x[(o s + k d - shift) mod m]``."""
+    F = torch.nn.functional
+    nd = len(periods)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    convt = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    kw = {"stride": tuple(strides), "dilation": tuple(dil), "groups": groups}
+    right = [(k - 1) * d for k, d in zip(w.shape[2:], dil)]  # the wrap-around each axis needs
+    dims = tuple(range(2, 2 + nd))
+    keep = (slice(None), slice(None), *[slice(0, m + r) for m, r in zip(periods, right)])
+
+    def forward(x):
+        x = torch.roll(x, shifts=shifts, dims=dims)
+        if any(right):
+            x = x.repeat(1, 1, *[1 + -(-r // m) for r, m in zip(right, periods)])[keep]
+        return conv(x, w, **kw)
+
+    def adjoint(y):  # conv_transpose back to the extended input, fold the wrapped part, roll back
+        z = convt(y, w, output_padding=tuple(s - 1 for s in strides), **kw)
+        for axis, (m, r) in enumerate(zip(periods, right)):
+            if r:
+                dim = 2 + axis
+                head, tail = z.narrow(dim, 0, m).clone(), z.narrow(dim, m, r)
+                head.narrow(dim, 0, r).add_(tail)
+                z = head
+        return torch.roll(z, shifts=tuple(-s for s in shifts), dims=dims)
+
+    return forward, adjoint
 
 
 def _explicit_sigma(torch, fn, shape: tuple[int, ...]):
@@ -352,7 +350,7 @@ def _conv_norm(layer: Layer, weight: np.ndarray, tol: float, max_iter: int, seed
         return _conv_adjoint(torch, layer, torch.tensor(np.asarray(weight), dtype=dtype))
 
     try:
-        with torch.no_grad(), _threads_for_load(torch):
+        with torch.no_grad(), compute_threads():
             start = None
             if layer.op_type == "Conv":
                 start = lambda: _periodic_start(torch, layer, torch.tensor(np.asarray(weight)), shape, tol, seed)  # noqa: E731

@@ -48,15 +48,15 @@ the same chosen settings on all 21 layers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._threads import compute_threads
 from .graph import Layer, PreparedModel
 from .plan import Candidate, Score
 from .quantizers import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant, quantize_weight
@@ -206,33 +206,6 @@ def _metric(objective: str, adversarial: float, quantization: float) -> float:
     return adversarial
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with torch and the BLAS libraries (numpy/scipy, through threadpoolctl) pinned to ``n``
-    threads. Scoring solves many small dense eigen-problems and SVDs; on this shared 2-core machine
-    the multi-threaded versions were measured 10-100x slower (oversubscription): a 1000x512 SVD
-    took 3.0 s with the default threads and 0.33 s with one."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - shipped with scikit-learn
-        limits = contextlib.nullcontext()
-    else:
-        limits = threadpool_limits(n)
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    prev = torch.get_num_threads() if torch is not None else None
-    if torch is not None:
-        torch.set_num_threads(n)
-    try:
-        with limits:
-            yield
-    finally:
-        if torch is not None:
-            torch.set_num_threads(prev)
-
-
 def score_layers(
     pm: PreparedModel,
     stats: Mapping[str, object],
@@ -245,7 +218,7 @@ def score_layers(
     """Score every candidate of every layer. ``stats``: calibration stats per tensor
     (:func:`laqonnx.calibrate.collect`), covering every layer input. ``weight_bits`` restricts the
     weight candidates (e.g. ``(8,)`` without a budget; 32 means float when allowed)."""
-    with _torch_threads(1):
+    with compute_threads():
         return _score_layers(pm, stats, config, space, weight_bits, progress)
 
 

@@ -21,10 +21,11 @@ import numpy as np
 import onnx
 
 from ._io import atomic_write_json, check_output_path, save_model
+from ._threads import compute_threads
 from .errors import DataError, PlanError
 from .graph import PreparedModel, load_model
 from .lower import BASELINES, LoweringSpec, lower, ort_baseline, quantized_tensors
-from .objective import CandidateSpace, ObjectiveConfig, Scored, _torch_threads, score_layers
+from .objective import CandidateSpace, ObjectiveConfig, Scored, score_layers
 from .plan import LayerPlan, Plan, TensorRange
 from .quantizers import PerChannel, PerTensor, weight_qparams
 from .select import Group, Option, select
@@ -134,10 +135,10 @@ def _pgd_batch(mirror: Any, x: np.ndarray, eps: float) -> np.ndarray:
     from .zoo.pgd import pgd
 
     xt = torch.from_numpy(x)
-    with torch.no_grad(), _torch_threads(1):
+    with torch.no_grad(), compute_threads(1):
         y = mirror(xt).argmax(1)
     gen = torch.Generator().manual_seed(0)
-    with _torch_threads(1):
+    with compute_threads(1):
         return pgd(mirror, xt, y, eps, steps=10, generator=gen).numpy().astype(np.float32)
 
 

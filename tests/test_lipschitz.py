@@ -345,6 +345,45 @@ WARM_CASES = {
 }
 
 
+CIRCULAR_CASES = {  # (channels in, out, groups), kernel, stride, dilation, shift, period
+    "3x3": ((4, 6, 1), (3, 3), (1, 1), (1, 1), (1, 1), (8, 8)),
+    "7x7-stride2": ((3, 5, 1), (7, 7), (2, 2), (1, 1), (3, 3), (16, 16)),
+    "dilated-grouped": ((4, 4, 2), (3, 3), (1, 2), (1, 2), (1, 2), (6, 8)),
+    "1d-stride3": ((2, 3, 1), (4,), (3,), (1,), (2,), (9,)),
+}
+
+
+@pytest.mark.parametrize("case", list(CIRCULAR_CASES))
+def test_circular_conv_and_its_explicit_adjoint(case):
+    """The warm start's circular conv equals the definition y[o] = sum_k w[k] x[(o s + k d - shift) mod m],
+    evaluated independently with numpy index arithmetic, and its adjoint equals autograd."""
+    import itertools
+
+    from laqonnx.lipschitz import _circular_conv
+
+    (cin, cout, groups), kernel, strides, dil, shifts, periods = CIRCULAR_CASES[case]
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 1, (cout, cin // groups, *kernel))
+    x = rng.normal(0, 1, (1, cin, *periods))
+    fwd, adj = _circular_conv(torch, torch.tensor(w), shifts, periods, strides, dil, groups)
+    got = fwd(torch.tensor(x)).numpy()
+    outs = [m // s for m, s in zip(periods, strides)]
+    assert got.shape == (1, cout, *outs)
+    expected = np.zeros_like(got)
+    per_in, per_out = cin // groups, cout // groups
+    for o in itertools.product(*map(range, outs)):
+        for k in itertools.product(*map(range, kernel)):
+            src = tuple((oi * s + ki * d - sh) % m for oi, s, ki, d, sh, m in zip(o, strides, k, dil, shifts, periods))
+            for c in range(cout):
+                g = c // per_out
+                expected[(0, c, *o)] += w[(c, slice(None), *k)] @ x[(0, slice(g * per_in, (g + 1) * per_in), *src)]
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+    xt = torch.tensor(x, requires_grad=True)
+    z = torch.randn(got.shape, dtype=torch.float64)
+    (reference,) = torch.autograd.grad(fwd(xt), xt, grad_outputs=z)
+    torch.testing.assert_close(adj(z), reference, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("case", list(WARM_CASES))
 def test_periodic_warm_start_matches_cold_start_in_fewer_steps(case):
     """Large convs start Lanczos from a tiled circular-problem solution: same norm, fewer full-size steps."""
@@ -371,21 +410,32 @@ def test_periodic_warm_start_matches_cold_start_in_fewer_steps(case):
 
 
 @pytest.mark.parametrize("load,threads_inside", [(0.0, 2), (99.0, 1)])
-def test_conv_norm_runs_single_threaded_only_on_a_busy_machine(monkeypatch, load, threads_inside):
+def test_conv_norm_pins_blas_and_runs_torch_single_threaded_only_on_a_busy_machine(monkeypatch, load, threads_inside):
+    import laqonnx._threads as thr
     import laqonnx.lipschitz as lip
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     before = torch.get_num_threads()
-    seen = []
-    monkeypatch.setattr(lip.os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(lip.os, "cpu_count", lambda: 2)
+    seen, blas = [], []
+    monkeypatch.setattr(thr.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(thr.os, "cpu_count", lambda: 2)
     real = lip._lanczos_sigma
-    monkeypatch.setattr(lip, "_lanczos_sigma", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        blas.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        return real(*a, **k)
+
+    monkeypatch.setattr(lip, "_lanczos_sigma", spy)
     op, in_shape, w_shape, attrs = CONV_CASES["lanczos-stride2"]
     pm = load_model(_single(op, in_shape, np.random.default_rng(0).normal(0, 0.5, w_shape), **attrs))
     torch.set_num_threads(2)
     try:
-        operator_norm(pm.layers[0], pm.weight(pm.layers[0]))
-        assert seen and set(seen) == {threads_inside}
-        assert torch.get_num_threads() == 2  # restored
+        with threadpool_limits(2, user_api="blas"):
+            operator_norm(pm.layers[0], pm.weight(pm.layers[0]))
+            assert seen and set(seen) == {threads_inside}
+            assert blas and set(blas) == {1}  # BLAS pinned while torch works
+            assert torch.get_num_threads() == 2  # restored
+            assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {2}
     finally:
         torch.set_num_threads(before)

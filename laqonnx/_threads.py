@@ -1,0 +1,56 @@
+"""Thread pools for the numeric stages (operator norms, scoring).
+
+Those stages alternate torch convolutions with many tiny numpy problems (Lanczos tridiagonal
+eigen-solves, small SVDs). Left alone, OpenBLAS keeps its worker threads spinning after each tiny
+call and they steal the cores torch's intra-op threads need: measured on the 2-core machine
+(`benchmarks/analyze_resnet18.py`), the ResNet-18 norms took 12.7 s with 2 torch threads and
+default BLAS threads, 2.5 s with 2 torch threads and one BLAS thread, 3.7 s with one of each.
+So BLAS is pinned to one thread and torch keeps its own thread count, except on a machine that
+is already busy (1-minute load >= CPU count), where extra intra-op threads only oversubscribe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+__all__ = ["compute_threads", "machine_busy"]
+
+
+def machine_busy() -> bool:
+    """True when the 1-minute load average is at least the CPU count (False where unknown)."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (OSError, AttributeError):  # no load average on this platform
+        return False
+
+
+@contextlib.contextmanager
+def compute_threads(torch_threads: int | None = None) -> Iterator[None]:
+    """Run with BLAS (numpy/scipy, through threadpoolctl) on one thread and torch on
+    ``torch_threads`` threads (None: torch's current count, or 1 if :func:`machine_busy`).
+    Restores both on exit. Works without torch or threadpoolctl (then it changes less)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    before = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        want = torch_threads if torch_threads is not None else (1 if machine_busy() else before)
+        if want != before:
+            torch.set_num_threads(max(1, int(want)))
+    try:
+        with _one_blas_thread():
+            yield
+    finally:
+        if torch is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a core dependency
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
