@@ -22,6 +22,7 @@ from .graph import Layer, PreparedModel
 __all__ = [
     "OperatorNorm",
     "operator_norm",
+    "image_norm",
     "NetworkBounds",
     "network_bounds",
     "NoRule",
@@ -410,6 +411,38 @@ def operator_norm(
     if tuple(np.shape(weight)) != tuple(layer.weight_shape):
         raise ValueError(f"weight shape {np.shape(weight)} does not match layer {layer.name} {layer.weight_shape}")
     return fn(layer, np.asarray(weight, dtype=np.float32), tol, max_iter, seed, init)
+
+
+def image_norm(layer: Layer, weight: np.ndarray, vector: np.ndarray) -> float:
+    """``||T v|| / ||v||``: the gain of ``layer``'s linear map with weight ``weight`` on one input
+    ``vector`` (shape of one input sample, e.g. :attr:`OperatorNorm.vector`). One application of
+    the map, in float64: a Rayleigh-quotient lower bound on the operator norm."""
+    if tuple(np.shape(weight)) != tuple(layer.weight_shape):
+        raise ValueError(f"weight shape {np.shape(weight)} does not match layer {layer.name} {layer.weight_shape}")
+    v = np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(v))
+    if norm == 0 or not math.isfinite(norm):
+        raise ValueError("vector must be finite and nonzero")
+    w = np.asarray(weight, dtype=np.float64)
+    if layer.op_type in ("Gemm", "MatMul"):
+        if layer.op_type == "Gemm":
+            m = w.T if layer.attrs.get("transB", 0) else w
+        else:
+            m = w if layer.attrs.get("weight_input", 1) == 1 else w.T
+        if v.size != m.shape[0]:
+            raise ValueError(f"vector has {v.size} elements, layer {layer.name} takes {m.shape[0]}")
+        return abs(float(layer.attrs.get("alpha", 1.0))) * float(np.linalg.norm(m.T @ v.ravel())) / norm
+    if layer.op_type not in ("Conv", "ConvTranspose") or layer.input_shape is None:
+        raise ValueError(f"image_norm needs a Conv/ConvTranspose with a known input shape or a Gemm/MatMul ({layer.name})")
+    torch = _torch()
+    if torch is None:
+        raise ValueError("image_norm of a conv needs torch (pip install 'laqonnx[robustness]')")
+    shape = (1, *layer.input_shape[1:])
+    if v.size != int(np.prod(shape)):
+        raise ValueError(f"vector has {v.size} elements, layer {layer.name} takes {shape[1:]}")
+    with torch.no_grad(), compute_threads():
+        y = _conv_map(torch, layer, torch.from_numpy(w))(torch.from_numpy(v.reshape(shape)))
+    return float(y.norm()) / norm
 
 
 # ---------------------------------------------------------------- whole-network bounds

@@ -439,3 +439,30 @@ def test_conv_norm_pins_blas_and_runs_torch_single_threaded_only_on_a_busy_machi
             assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {2}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", ["conv", "gemm-transB", "matmul"])
+def test_image_norm_is_the_gain_on_one_vector_as_onnxruntime_computes_it(case):
+    from laqonnx.lipschitz import image_norm
+
+    r = np.random.default_rng(11)
+    if case == "conv":
+        model = _single("Conv", (3, 9, 7), r.normal(0, 0.5, (4, 3, 3, 3)), pads=[1, 0, 1, 2], strides=[2, 1])
+        in_shape = (3, 9, 7)
+    elif case == "gemm-transB":
+        model, in_shape = _single("Gemm", (6,), r.normal(0, 0.5, (5, 6)), transB=1, alpha=-1.5), (6,)
+    else:
+        model, in_shape = _single("MatMul", (6,), r.normal(0, 0.5, (6, 4))), (6,)
+    pm = load_model(model)
+    (layer,) = pm.layers
+    v = r.normal(0, 1, in_shape)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"input": v[None].astype(np.float32)})[0] - sess.run(None, {"input": np.zeros((1, *in_shape), np.float32)})[0]
+    expected = float(np.linalg.norm(y) / np.linalg.norm(v))
+    got = image_norm(layer, pm.weight(layer), v)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert image_norm(layer, pm.weight(layer), 3 * v) == pytest.approx(got, rel=1e-12)  # scale-free
+    with pytest.raises(ValueError, match="nonzero"):
+        image_norm(layer, pm.weight(layer), np.zeros(in_shape))
+    with pytest.raises(ValueError, match="elements"):
+        image_norm(layer, pm.weight(layer), np.ones(int(np.prod(in_shape)) + 1))

@@ -14,6 +14,7 @@ import itertools
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 from laqonnx.calibrate import activation_error, activation_norm, activation_range, collect
@@ -192,3 +193,46 @@ def test_candidate_space_validation():
 @pytest.mark.parametrize("tol, error_tol, expected", [(1e-3, None, 1e-2), (1e-6, None, 1e-5), (1e-3, 0.05, 0.05)])
 def test_error_norm_tolerance(tol, error_tol, expected):
     assert ObjectiveConfig(tol=tol, error_tol=error_tol).error_norm_tol == pytest.approx(expected)
+
+
+def test_quantized_norm_one_step_tracks_converged_lanczos_better_than_lanczos_at_tol():
+    """On a Lanczos-sized conv, int8 ``Lhat - L`` from one application on the float top vector is
+    within 5e-5 * L of the converged difference (tol 1e-9); int4 (a large perturbation) runs
+    Lanczos; first_order_max=0 always runs Lanczos."""
+    from laqonnx.objective import _quantized_norm
+
+    r = np.random.default_rng(4)
+    w = r.normal(0, 0.2, (16, 16, 3, 3))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["input", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 16, 24, 24])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16, 24, 24])],
+        [onnx.numpy_helper.from_array(w.astype(np.float32), "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    pm = load_model(model)
+    (layer,) = pm.layers
+    wf = pm.weight(layer)
+    opts = {"tol": 1e-3, "max_iter": 300, "seed": 0}
+    base = operator_norm(layer, wf, **opts)
+    assert base.method == "lanczos"
+    exact = operator_norm(layer, wf, tol=1e-9, max_iter=3000)
+    worst_one_step = worst_lanczos = 0.0
+    for bits, one_step in ((8, True), (4, False)):
+        for ws in CandidateSpace(weight_bits=(bits,)).weight_settings(layer.channel_axis):
+            wq, _ = quantize_weight(wf, ws)
+            dn = operator_norm(layer, wf - wq, tol=1e-2, max_iter=300).value
+            assert (dn <= 0.02 * base.value) is one_step
+            got = _quantized_norm(layer, base, wf, wq, dn, 0.02, {}, opts)
+            if one_step:
+                truth = operator_norm(layer, wq, tol=1e-9, max_iter=3000, init=exact.vector).value - exact.value
+                assert abs((got - base.value) - truth) <= 5e-5 * exact.value
+                worst_one_step = max(worst_one_step, abs((got - base.value) - truth))
+                lanczos = operator_norm(layer, wq, init=base.vector, **opts).value
+                worst_lanczos = max(worst_lanczos, abs((lanczos - base.value) - truth))
+                assert abs(got - base.value) <= dn  # Weyl
+            else:
+                assert got == operator_norm(layer, wq, init=base.vector, **opts).value
+            assert _quantized_norm(layer, base, wf, wq, dn, 0.0, {}, opts) == operator_norm(layer, wq, init=base.vector, **opts).value
+    assert worst_one_step < worst_lanczos  # Lanczos re-converged to tol is the noisier estimate of the change
