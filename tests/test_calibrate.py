@@ -11,8 +11,15 @@ import pytest
 from onnx import helper
 
 from laqonnx.calibrate import (
+    _BLOCK,
     StatsCollector,
     TensorStats,
+    _folded,
+    _kl_scores,
+    _kl_threshold,
+    _smooth,
+    _sq_error,
+    _sq_errors,
     activation_error,
     activation_norm,
     activation_range,
@@ -272,3 +279,138 @@ def test_minmax_only_tensors_skip_the_histogram_but_keep_exact_summaries() -> No
             np.testing.assert_array_equal(a.counts, b.counts)
             for spec in SPECS:
                 assert activation_range(b, spec) == activation_range(a, spec)
+
+
+def _from_array_whole(x: np.ndarray, bins: int) -> tuple:
+    """The whole-array computation that from_array does block by block: min, max, counts, sum_sq, zeros."""
+    flat = x.reshape(-1).astype(np.float32) if x.dtype == np.float16 else x.reshape(-1)
+    lo, hi = float(flat.min()), float(flat.max())
+    st = TensorStats.from_array("t", x, bins)
+    e, start = st._exp, st._start
+    idx = np.floor(np.ldexp(flat, np.int32(-e))).astype(np.int64) - start  # ldexp in the input's precision
+    counts = np.bincount(idx, minlength=bins)
+    sum_sq = float(np.square(flat).sum(dtype=np.float64))
+    return lo, hi, counts, sum_sq, int(flat.size - np.count_nonzero(flat)), st
+
+
+@pytest.mark.parametrize("case", ["relu", "signed", "float64", "float16", "tiny", "coarse", "subnormal"])
+def test_blockwise_stats_equal_whole_array(case: str) -> None:
+    rng = np.random.default_rng(11)
+    n = 2 * _BLOCK + 1234  # several blocks, the last one partial
+    x = rng.laplace(0, 1, (3, n // 3))
+    x = {
+        "relu": np.maximum(x, 0).astype(np.float32),
+        "signed": x.astype(np.float32),
+        "float64": x,
+        "float16": x.astype(np.float16),
+        "tiny": (x * 1e-38).astype(np.float32),  # 2^-e is not a normal float32: the ldexp path
+        "coarse": np.where(np.abs(x) < 1, x * 1e-44, x * 1e4).astype(np.float32),  # e > 0: x 2^-e rounds to 0
+        "subnormal": (x * 1e-42).astype(np.float32),
+    }[case]
+    x.reshape(-1)[::7] = 0.0
+    x.reshape(-1)[1::97] = -0.0
+    lo, hi, counts, sum_sq, zeros, st = _from_array_whole(x, 2048)
+    assert (st.min, st.max, st.zeros, st.numel) == (lo, hi, zeros, x.size // 3)
+    np.testing.assert_array_equal(st.counts, counts)
+    assert st.sum_sq == pytest.approx(sum_sq, rel=1e-12)
+    cheap = TensorStats.from_array("t", x, 2048, histogram=False)
+    assert (cheap.min, cheap.max, cheap.zeros, cheap.sum_sq) == (st.min, st.max, st.zeros, st.sum_sq)
+
+
+def _kl_scores_loop(hist: np.ndarray, nq: int) -> dict[int, float]:
+    """The loop _kl_threshold replaced, one candidate at a time: the KL of each kept candidate."""
+    hist = np.trim_zeros(hist, "b")
+    scores = {}
+    suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0]])
+    for i in range(nq, hist.size + 1):
+        sliced = hist[:i]
+        p = sliced.astype(np.float64)
+        p[-1] += suffix[i]
+        merged = i // nq
+        groups = np.minimum(np.arange(i) // merged, nq - 1)
+        q_tot = np.bincount(groups, weights=sliced, minlength=nq)
+        nonzero = np.bincount(groups, weights=(p != 0), minlength=nq)
+        q = np.where(p != 0, q_tot[groups] / np.maximum(nonzero[groups], 1), 0.0)
+        ps, qs = _smooth(p), _smooth(q)
+        if ps is None or qs is None or np.any(qs <= 0):
+            continue
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores[i] = float(np.sum(ps * np.log(ps / qs)))
+    return scores
+
+
+def _kl_threshold_loop(hist: np.ndarray, nq: int) -> int:
+    hist = np.trim_zeros(hist, "b")
+    if hist.size <= nq:
+        return hist.size
+    best_i, best_kl = hist.size, np.inf
+    for i, kl in _kl_scores_loop(hist, nq).items():
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+def _kl_histograms() -> list[np.ndarray]:
+    rng = np.random.default_rng(12)
+    hists = []
+    for x in (
+        np.maximum(rng.normal(0, 1, (64, 4000)), 0),  # relu-like: one-sided, spike of zeros
+        rng.laplace(0, 1, (64, 4000)),  # dense, heavy-ish tails
+        rng.standard_t(2, (64, 4000)),  # far outliers: a sparse tail of isolated bins
+        rng.uniform(-1, 1, (8, 100)),  # few samples: many empty bins
+    ):
+        st = TensorStats.from_array("t", x.astype(np.float32))
+        fold = _folded(st)
+        fold[0] -= st.zeros
+        hists.append(fold)
+    hists += [
+        rng.poisson(0.3, 1500),  # sparse, many empty bins
+        (rng.random(900) < 0.03) * rng.integers(1, 1000, 900),  # very sparse
+        rng.integers(0, 3, 700),
+        np.full(600, 7),  # flat
+        np.r_[rng.poisson(50, 300), np.zeros(1000, np.int64), [3]],  # dense part, gap, one far outlier
+        rng.poisson(5, 130),  # <= nq for nq = 255: all bins kept
+        rng.poisson(5, 256),  # one candidate more than nq
+        np.array([0, 4, 0, 0, 2, 0, 0, 0]),  # tiny
+    ]
+    return [np.asarray(h, dtype=np.int64) for h in hists]
+
+
+@pytest.mark.parametrize("nq", [255, 127, 7])
+def test_kl_threshold_matches_the_loop(nq: int) -> None:
+    for h in _kl_histograms():
+        fast, slow = _kl_threshold(h, nq), _kl_threshold_loop(h, nq)
+        loop = _kl_scores_loop(h, nq)
+        if fast != slow:  # a tie within rounding: the fast score sums in another order
+            assert loop[fast] == pytest.approx(loop[slow], rel=1e-12, abs=0), (h.size, nq, fast, slow)
+        trimmed = np.trim_zeros(h, "b")
+        if trimmed.size > nq:  # every score, not only the best: same skips, same values to rounding
+            cand, kl = _kl_scores(trimmed, nq)
+            ref = np.array([loop.get(int(i), np.inf) for i in cand])
+            ref[np.isnan(ref)] = np.inf
+            np.testing.assert_array_equal(np.isinf(kl), np.isinf(ref))
+            np.testing.assert_allclose(kl[np.isfinite(kl)], ref[np.isfinite(ref)], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dist", ["relu", "heavy", "edges"])
+def test_sq_errors_match_sq_error_per_range(dist: str) -> None:
+    rng = np.random.default_rng(13)
+    x = {
+        "relu": np.maximum(rng.normal(0.3, 1, (50, 400)), 0),
+        "heavy": rng.standard_t(2, (50, 400)),
+        "edges": np.round(rng.normal(0, 4, (50, 400))) / 4,  # values and range bounds on bin edges
+    }[dist].astype(np.float32)
+    ratios = np.r_[np.linspace(0.01, 1.0, 100), 1e-7, 1e-4, 0.5, 1.5]  # down to ranges narrower than a bin
+    for bins in (16, 2048):
+        st = TensorStats.from_array("t", x, bins)
+        for spec in [ActivationQuant(method="mse", symmetric=s, bits=b) for s in (False, True) for b in (8, 16)]:
+            fast = _sq_errors(st, ratios * st.min, ratios * st.max, spec)
+            slow = [_sq_error(st, r * st.min, r * st.max, spec) for r in ratios]
+            np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=0)
+    # counts too large for int64 moments (Python integers)
+    big = TensorStats("t", st.min, st.max, st.counts * 10**13, st.edges, 50, 400, 1.0, st.zeros * 10**13)
+    spec = ActivationQuant(method="mse")
+    fast = _sq_errors(big, ratios * st.min, ratios * st.max, spec)
+    slow = [_sq_error(big, r * st.min, r * st.max, spec) for r in ratios]
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=0)
