@@ -137,6 +137,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="112x112, width 32")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantize_time.json"), help="result JSON")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     size, width = (112, 32) if args.quick else (224, 64)
@@ -149,10 +150,13 @@ def main() -> int:
         "model": f"{source}(width={width}) at 3x{size}x{size}, random weights",
         "calibration": "64 uniform-random images in [0,1], batches of 32",
         "ort": "quantize_static QDQ, QUInt8 activations, QInt8 per-channel weights, MinMax",
-        "ours": "laqonnx.quantize defaults (objective laq, eps 8/255 Linf, int8, per-tensor+per-channel candidates, norm_max_spatial=32, Lanczos tol 1e-3, error-norm tol 1e-2)",
+        "ours": "laqonnx.quantize defaults (objective laq, eps 8/255 Linf, int8, per-tensor+per-channel x maxabs/mse/percentile weight "
+                "candidates, minmax/percentile/entropy/mse activation ranges, norm_max_spatial=32, Lanczos tol 1e-3, error-norm tol 1e-2, "
+                "int8 Lhat by one application on the float top vector)",
         "git_commit": _git_commit(),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
-        "note": "shared 2-core machine, heavily loaded by other engineers while measured: noisy; rerun on a quiet machine",
+        "note": "2-core machine; other jobs show in load_avg_start/end. The tools alternate in one process (the first run of "
+                "ours also pays the torch import); compare the medians of this run, not runs on different days",
     }
     with tempfile.TemporaryDirectory(prefix="laqonnx-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -179,7 +183,7 @@ def main() -> int:
         result["ours_stage_median_s"] = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
         result["lowering_alternatives"] = lowering_alternatives(model, calib, x, tmp, runs)
         result["machine"]["load_avg_end"] = os.getloadavg()
-    out = ROOT / "benchmarks" / "results" / "quantize_time.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("ours_median_s", "ort_median_s", "ratio", "ours_stage_median_s", "lowering_alternatives")}, indent=2))
