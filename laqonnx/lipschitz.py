@@ -361,15 +361,19 @@ def _conv_norm(layer: Layer, weight: np.ndarray, tol: float, max_iter: int, seed
         return _reshaped_bound(layer, weight, f"torch could not apply the operator ({type(exc).__name__}: {str(exc)[:120]})")
 
 
-@_norm_for("Gemm", "MatMul")
-def _matrix_norm(layer: Layer, weight: np.ndarray, tol: float, max_iter: int, seed: int, init) -> OperatorNorm:
+def _matrix_map(layer: Layer, weight: np.ndarray) -> tuple[np.ndarray, float]:
+    """A Gemm/MatMul layer as ``x -> scale * m^T x`` on one input row/column: ``m`` (n_in, n_out), float64."""
     w = np.asarray(weight, dtype=np.float64)
-    scale = abs(float(layer.attrs.get("alpha", 1.0)))
-    # the map on one input row/column: x -> m^T x with m of shape (n_in, n_out)
     if layer.op_type == "Gemm":
         m = w.T if layer.attrs.get("transB", 0) else w
     else:
         m = w if layer.attrs.get("weight_input", 1) == 1 else w.T
+    return m, abs(float(layer.attrs.get("alpha", 1.0)))
+
+
+@_norm_for("Gemm", "MatMul")
+def _matrix_norm(layer: Layer, weight: np.ndarray, tol: float, max_iter: int, seed: int, init) -> OperatorNorm:
+    m, scale = _matrix_map(layer, weight)
     if min(m.shape) <= _EXPLICIT_MAX_SIDE or m.size <= 4_000_000:
         if min(m.shape) <= 64:
             u, s, _ = np.linalg.svd(m, full_matrices=False)
@@ -423,15 +427,12 @@ def image_norm(layer: Layer, weight: np.ndarray, vector: np.ndarray) -> float:
     norm = float(np.linalg.norm(v))
     if norm == 0 or not math.isfinite(norm):
         raise ValueError("vector must be finite and nonzero")
-    w = np.asarray(weight, dtype=np.float64)
     if layer.op_type in ("Gemm", "MatMul"):
-        if layer.op_type == "Gemm":
-            m = w.T if layer.attrs.get("transB", 0) else w
-        else:
-            m = w if layer.attrs.get("weight_input", 1) == 1 else w.T
+        m, scale = _matrix_map(layer, weight)
         if v.size != m.shape[0]:
             raise ValueError(f"vector has {v.size} elements, layer {layer.name} takes {m.shape[0]}")
-        return abs(float(layer.attrs.get("alpha", 1.0))) * float(np.linalg.norm(m.T @ v.ravel())) / norm
+        return scale * float(np.linalg.norm(m.T @ v.ravel())) / norm
+    w = np.asarray(weight, dtype=np.float64)
     if layer.op_type not in ("Conv", "ConvTranspose") or layer.input_shape is None:
         raise ValueError(f"image_norm needs a Conv/ConvTranspose with a known input shape or a Gemm/MatMul ({layer.name})")
     torch = _torch()
