@@ -466,3 +466,45 @@ def test_image_norm_is_the_gain_on_one_vector_as_onnxruntime_computes_it(case):
         image_norm(layer, pm.weight(layer), np.zeros(in_shape))
     with pytest.raises(ValueError, match="elements"):
         image_norm(layer, pm.weight(layer), np.ones(int(np.prod(in_shape)) + 1))
+
+
+POINTWISE_CASES = {
+    "1x1": ((6, 5, 5), (4, 6, 1, 1), {}),
+    "1x1-stride2-pad": ((3, 7, 6), (5, 3, 1, 1), dict(strides=[2, 3], pads=[1, 2, 0, 1])),
+    "1x1-groups": ((6, 4, 4), (9, 2, 1, 1), dict(group=3)),
+    "1x1-conv1d": ((4, 9), (3, 4, 1), dict(strides=[2], pads=[1, 1])),
+    # 96 x 8 x 8 = 6144 inputs: would otherwise need Lanczos
+    "1x1-wide": ((96, 8, 8), (80, 96, 1, 1), dict(strides=[2, 2])),
+}
+
+
+@pytest.mark.parametrize("case", list(POINTWISE_CASES))
+def test_pointwise_conv_norm_is_exact_from_the_weight_matrix(case):
+    in_shape, w_shape, attrs = POINTWISE_CASES[case]
+    w = np.random.default_rng(len(case)).normal(0, 0.5, w_shape)
+    model = _single("Conv", in_shape, w, **attrs)
+    pm = load_model(model)
+    (layer,) = pm.layers
+    norm = operator_norm(layer, pm.weight(layer))
+    assert norm.method == "spectral" and norm.iterations == 0
+    if int(np.prod(in_shape)) <= 4096:  # the explicit operator from onnxruntime basis vectors
+        assert norm.value == pytest.approx(_explicit_sigma(model, in_shape), rel=1e-5)
+    else:
+        lanczos = linear_map_norm_of(layer, pm.weight(layer))
+        assert norm.value == pytest.approx(lanczos, rel=1e-4) and norm.value >= lanczos * (1 - 1e-6)
+    # the vector attains the norm through onnxruntime
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"input": norm.vector[None].astype(np.float32)})[0]
+    assert float(np.linalg.norm(y) / np.linalg.norm(norm.vector)) == pytest.approx(norm.value, rel=1e-5)
+
+
+def linear_map_norm_of(layer, weight) -> float:
+    """The conv's norm by Lanczos on the conv map itself (no 1x1 shortcut), converged tightly."""
+    import laqonnx.lipschitz as lip
+
+    t = torch
+    shape = (1, *layer.input_shape[1:])
+    return lip.linear_map_norm(
+        lambda dtype: lip._conv_map(t, layer, t.tensor(np.asarray(weight), dtype=dtype)), shape, tol=1e-7, max_iter=2000,
+        seed=0, init=None, adjoint_builder=lambda dtype: lip._conv_adjoint(t, layer, t.tensor(np.asarray(weight), dtype=dtype)),
+    ).value
