@@ -348,7 +348,7 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], r18: dict[str, 
          f"- Load: the machine is shared with ~6 other engineers; 1/5/15-min load averages at the start "
          f"{meta.get('load_start')} and end {meta.get('load_end')} of the run ({meta.get('started')} – {meta.get('finished')}). "
          "Timings are noisy; latency *ratios* are measured interleaved in one process and are the robust figures.",
-         f"- Data: scikit-learn's bundled digits, stratified 80/20 split, upsampled to 16x16, 1 channel. Models: "
+         "- Data: scikit-learn's bundled digits, stratified 80/20 split, upsampled to 16x16, 1 channel. Models: "
          "`laqonnx.zoo.get_model(arch, training, seed=s)` with the zoo's default configs (cnn 15 epochs, resnet and "
          "mobilenet 10; PGD training at L∞ ε = 0.1, 5 steps).",
          "- Seeds (training seed = attack seed; every figure is the median over the seeds listed): "
@@ -356,7 +356,7 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], r18: dict[str, 
          f"- Robust accuracy: `laqonnx.evaluate`, preset `{s['preset']}` restricted to {_attacks(s['preset'], s.get('attacks'))} "
          "(white-box attacks on the fake-quant mirror, transfer PGD crafted on the float model), per-example "
          f"worst case, scored on onnxruntime, L∞ ε = {s['eps']:g}, first {s['examples']} test examples.",
-         *([f"- Why no Square (black-box) attack: with it, one PGD-model cell took 1-3 minutes on this machine, "
+         *(["- Why no Square (black-box) attack: with it, one PGD-model cell took 1-3 minutes on this machine, "
             "too long for the matrix in the time available. The first 30 cells were made with Square and 200 examples "
             "(`benchmarks/results/record-partial-200ex-square/`, cnn and resnet, seed 0): there the worst case equalled "
             "the best non-Square single attack in 26 of 30 cells and was at most 1 point lower in the others; Square "
