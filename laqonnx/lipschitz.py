@@ -347,13 +347,7 @@ def _pointwise_norm(layer: Layer, weight: np.ndarray) -> OperatorNorm:
     per = w.shape[0] // g
     best, best_g, best_v = -1.0, 0, None
     for i in range(g):
-        block = w[i * per:(i + 1) * per]
-        if min(block.shape) <= 64:
-            _, sv, vt = np.linalg.svd(block, full_matrices=False)
-            sigma, v = float(sv[0]), vt[0]
-        else:  # top eigenpair of the (C_in/g)^2 Gram matrix
-            vals, vecs = np.linalg.eigh(block.T @ block)
-            sigma, v = math.sqrt(max(float(vals[-1]), 0.0)), vecs[:, -1]
+        sigma, v = _top_singular(w[i * per:(i + 1) * per].T)  # the block maps x -> W_g x
         if sigma > best:
             best, best_g, best_v = sigma, i, v
     vector = None
@@ -401,6 +395,22 @@ def _conv_norm(layer: Layer, weight: np.ndarray, tol: float, max_iter: int, seed
         return _reshaped_bound(layer, weight, f"torch could not apply the operator ({type(exc).__name__}: {str(exc)[:120]})")
 
 
+def _top_singular(m: np.ndarray) -> tuple[float, np.ndarray]:
+    """Largest singular value of the map ``x -> m^T x`` and its top input vector (unit, length ``m.shape[0]``)."""
+    if min(m.shape) <= 64:
+        u, s, _ = np.linalg.svd(m, full_matrices=False)
+        return float(s[0]), u[:, 0]
+    # top eigenpair of the smaller Gram matrix (float64): ~4x cheaper than a full SVD of m
+    if m.shape[0] <= m.shape[1]:
+        vals, vecs = np.linalg.eigh(m @ m.T)
+        u = vecs[:, -1]
+    else:
+        vals, vecs = np.linalg.eigh(m.T @ m)
+        u = m @ vecs[:, -1]
+        u = u / max(float(np.linalg.norm(u)), 1e-300)
+    return math.sqrt(max(float(vals[-1]), 0.0)), u
+
+
 def _matrix_map(layer: Layer, weight: np.ndarray) -> tuple[np.ndarray, float]:
     """A Gemm/MatMul layer as ``x -> scale * m^T x`` on one input row/column: ``m`` (n_in, n_out), float64."""
     w = np.asarray(weight, dtype=np.float64)
@@ -415,18 +425,8 @@ def _matrix_map(layer: Layer, weight: np.ndarray) -> tuple[np.ndarray, float]:
 def _matrix_norm(layer: Layer, weight: np.ndarray, tol: float, max_iter: int, seed: int, init) -> OperatorNorm:
     m, scale = _matrix_map(layer, weight)
     if min(m.shape) <= 1024 or m.size <= 4_000_000:  # a dense eigen-solve of at most 1024^2 (or a small matrix)
-        if min(m.shape) <= 64:
-            u, s, _ = np.linalg.svd(m, full_matrices=False)
-            return OperatorNorm(scale * float(s[0]), "spectral", 0, "", u[:, 0].astype(np.float32))
-        # top eigenpair of the smaller Gram matrix (float64): ~4x cheaper than a full SVD of m
-        if m.shape[0] <= m.shape[1]:
-            vals, vecs = np.linalg.eigh(m @ m.T)
-            u = vecs[:, -1]
-        else:
-            vals, vecs = np.linalg.eigh(m.T @ m)
-            u = m @ vecs[:, -1]
-            u = u / max(float(np.linalg.norm(u)), 1e-300)
-        return OperatorNorm(scale * math.sqrt(max(float(vals[-1]), 0.0)), "spectral", 0, "", u.astype(np.float32))
+        sigma, u = _top_singular(m)
+        return OperatorNorm(scale * sigma, "spectral", 0, "", u.astype(np.float32))
     torch = _torch()
     if torch is None:
         return OperatorNorm(scale * float(np.linalg.norm(m, 2)), "spectral", 0, "", None)

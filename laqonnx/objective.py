@@ -216,25 +216,23 @@ def _metric(objective: str, adversarial: float, quantization: float) -> float:
     return adversarial
 
 
-def _quantized_norm(layer: Layer, base, w: np.ndarray, wq: np.ndarray, error_norm: float, first_order_max: float, ref: dict,
+def _quantized_norm(layer: Layer, base, float_gain: float | None, wq: np.ndarray, error_norm: float, first_order_max: float,
                     opts: Mapping) -> float:
     """``Lhat = ||T[Q(W)]||``, warm-started from the float top vector ``v = base.vector``.
 
     Exact (explicit SVD / weight matrix) layers are recomputed exactly. For Lanczos layers with a
     small perturbation, ``||T[W - Q(W)]|| <= first_order_max * L``, the change is taken on ``v``
-    itself: ``Lhat = L + ||T[Q(W)] v|| - ||T[W] v||``, which is ``L + u^T T[Q(W) - W] v`` plus a
+    itself: ``Lhat = L + ||T[Q(W)] v|| - ||T[W] v||`` (``float_gain = ||T[W] v||``, None where not Lanczos), which is ``L + u^T T[Q(W) - W] v`` plus a
     second-order term (``u = T[W] v / L``). Weyl bounds the whole change by the error norm, and the
     neglected part is second order in it; re-running Lanczos to ``tol`` would instead add an error
     of about ``tol * L``, larger than the int8 change itself (ResNet-18, tol 1e-3: the sign of
     ``Lhat - L`` flipped on most int8 settings against converged Lanczos; the one-step value
-    stayed within 1.5e-5 * L of it). Larger perturbations (int4) run Lanczos from ``v``.
+    stayed within 4e-5 * L of it). Larger perturbations (int4) run Lanczos from ``v``.
     """
     from .lipschitz import image_norm, operator_norm
 
-    if base.method == "lanczos" and base.vector is not None and error_norm <= first_order_max * base.value:
-        if "float" not in ref:
-            ref["float"] = image_norm(layer, w, base.vector)
-        return base.value + image_norm(layer, wq, base.vector) - ref["float"]
+    if float_gain is not None and error_norm <= first_order_max * base.value:
+        return base.value + image_norm(layer, wq, base.vector) - float_gain
     return operator_norm(layer, wq, init=base.vector, **opts).value
 
 
@@ -258,7 +256,7 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
     from tqdm.auto import tqdm
 
     from .calibrate import activation_error, activation_norm, activation_range
-    from .lipschitz import network_bounds, operator_norm
+    from .lipschitz import image_norm, network_bounds, operator_norm
 
     opts = dict(tol=config.tol, max_iter=config.max_iter, seed=config.seed)
     err_opts = {**opts, "tol": config.error_norm_tol}
@@ -311,7 +309,8 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
         qparams: dict[WeightQuant, QParams] = {}
         seen: dict[bytes, tuple[float, float]] = {}
         err_init = None  # error norms warm-start from the previous setting's error vector
-        ref: dict = {}  # ||T[W] v|| on the float top vector, computed once when needed
+        b = base[layer.name]
+        float_gain = image_norm(capped[layer.name], w, b.vector) if b.method == "lanczos" and b.vector is not None else None
         for ws in space.weight_settings(layer.channel_axis, weight_bits):
             if ws is None:
                 weight_terms.append((None, L, 0.0))
@@ -321,7 +320,7 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
             if key not in seen:  # settings that quantize to the same weights share their norms
                 dn = operator_norm(capped[layer.name], w - wq, init=err_init, **err_opts)
                 err_init = dn.vector
-                seen[key] = (_quantized_norm(capped[layer.name], base[layer.name], w, wq, dn.value, config.first_order_max, ref, opts), dn.value)
+                seen[key] = (_quantized_norm(capped[layer.name], b, float_gain, wq, dn.value, config.first_order_max, opts), dn.value)
             weight_terms.append((ws, *seen[key]))
         scores = []
         params = int(np.prod(layer.weight_shape))

@@ -199,6 +199,7 @@ def test_quantized_norm_one_step_tracks_converged_lanczos_better_than_lanczos_at
     """On a Lanczos-sized conv, int8 ``Lhat - L`` from one application on the float top vector is
     within 5e-5 * L of the converged difference (tol 1e-9); int4 (a large perturbation) runs
     Lanczos; first_order_max=0 always runs Lanczos."""
+    from laqonnx.lipschitz import image_norm
     from laqonnx.objective import _quantized_norm
 
     r = np.random.default_rng(4)
@@ -217,6 +218,7 @@ def test_quantized_norm_one_step_tracks_converged_lanczos_better_than_lanczos_at
     opts = {"tol": 1e-3, "max_iter": 300, "seed": 0}
     base = operator_norm(layer, wf, **opts)
     assert base.method == "lanczos"
+    gain = image_norm(layer, wf, base.vector)  # ||T[W] v||, as score_layers passes it
     exact = operator_norm(layer, wf, tol=1e-9, max_iter=3000)
     worst_one_step = worst_lanczos = 0.0
     for bits, one_step in ((8, True), (4, False)):
@@ -224,7 +226,7 @@ def test_quantized_norm_one_step_tracks_converged_lanczos_better_than_lanczos_at
             wq, _ = quantize_weight(wf, ws)
             dn = operator_norm(layer, wf - wq, tol=1e-2, max_iter=300).value
             assert (dn <= 0.02 * base.value) is one_step
-            got = _quantized_norm(layer, base, wf, wq, dn, 0.02, {}, opts)
+            got = _quantized_norm(layer, base, gain, wq, dn, 0.02, opts)
             if one_step:
                 truth = operator_norm(layer, wq, tol=1e-9, max_iter=3000, init=exact.vector).value - exact.value
                 assert abs((got - base.value) - truth) <= 5e-5 * exact.value
@@ -234,5 +236,5 @@ def test_quantized_norm_one_step_tracks_converged_lanczos_better_than_lanczos_at
                 assert abs(got - base.value) <= dn  # Weyl
             else:
                 assert got == operator_norm(layer, wq, init=base.vector, **opts).value
-            assert _quantized_norm(layer, base, wf, wq, dn, 0.0, {}, opts) == operator_norm(layer, wq, init=base.vector, **opts).value
+            assert _quantized_norm(layer, base, gain, wq, dn, 0.0, opts) == operator_norm(layer, wq, init=base.vector, **opts).value
     assert worst_one_step < worst_lanczos  # Lanczos re-converged to tol is the noisier estimate of the change

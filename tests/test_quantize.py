@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import warnings
 
 import numpy as np
 import onnx
@@ -24,37 +23,12 @@ CALIB_LIMIT = 400
 
 @pytest.fixture(scope="module")
 def digits_cnn(tmp_path_factory) -> str:
-    """A small CNN trained on digits (8x8, 1 channel) for a few seconds, exported to ONNX."""
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        x, y = load_digits(8, "train")
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
-            torch.nn.Flatten(), torch.nn.Linear(256, 10),
-        )
-        opt = torch.optim.Adam(net.parameters(), 1e-2)
-        X, Y = torch.from_numpy(x), torch.from_numpy(y)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(15):
-            perm = torch.randperm(len(X), generator=gen)
-            for i in range(0, len(X), 64):
-                idx = perm[i:i + 64]
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(net(X[idx]), Y[idx]).backward()
-                opt.step()
-        path = tmp_path_factory.mktemp("digits") / "cnn.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                net.eval(), torch.zeros(1, 1, 8, 8), str(path), dynamo=False, input_names=["input"],
-                output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17,
-            )
-    finally:
-        torch.set_num_threads(threads)
+    """The small CNN trained on digits (8x8, 1 channel) shared by the tests, saved as ONNX."""
+    pytest.importorskip("torch")
+    from tests._digits_model import digits_cnn as trained
+
+    path = tmp_path_factory.mktemp("digits") / "cnn.onnx"
+    onnx.save(trained()[1], str(path))
     return str(path)
 
 
