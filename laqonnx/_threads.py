@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 __all__ = ["compute_threads", "machine_busy"]
+
+_state = threading.local()  # .inside: this thread is within compute_threads
 
 
 def machine_busy() -> bool:
@@ -30,20 +33,31 @@ def machine_busy() -> bool:
 def compute_threads(torch_threads: int | None = None) -> Iterator[None]:
     """Run with BLAS (numpy/scipy, through threadpoolctl) on one thread and torch on
     ``torch_threads`` threads (None: torch's current count, or 1 if :func:`machine_busy`).
-    Restores both on exit. Works without torch or threadpoolctl (then it changes less)."""
+    Restores both on exit. Works without torch or threadpoolctl (then it changes less).
+
+    Re-entrant: BLAS is limited by the outermost call on a thread only; a nested call (an operator
+    norm inside scoring) just sets torch's count if it asks for one, so the BLAS libraries are
+    looked up once per stage rather than once per norm (threadpoolctl re-scans the loaded
+    libraries on every limit: 0.2 s of scoring ResNet-18)."""
     try:
         import torch
     except ImportError:
         torch = None
+    outermost = not getattr(_state, "inside", False)
     before = torch.get_num_threads() if torch is not None else None
     if torch is not None:
-        want = torch_threads if torch_threads is not None else (1 if machine_busy() else before)
+        if torch_threads is not None:
+            want = torch_threads
+        else:
+            want = (1 if machine_busy() else before) if outermost else before
         if want != before:
             torch.set_num_threads(max(1, int(want)))
+    _state.inside = True
     try:
-        with _one_blas_thread():
+        with _one_blas_thread() if outermost else contextlib.nullcontext():
             yield
     finally:
+        _state.inside = not outermost
         if torch is not None and torch.get_num_threads() != before:
             torch.set_num_threads(before)
 

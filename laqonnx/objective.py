@@ -54,7 +54,6 @@ the same chosen settings on all 21 layers.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +235,16 @@ def _quantized_norm(layer: Layer, base, float_gain: float | None, wq: np.ndarray
     return operator_norm(layer, wq, init=base.vector, **opts).value
 
 
+def _effective_qparams(qp: QParams, shape: Sequence[int], channel_axis: int) -> tuple:
+    """A key equal for two weight settings exactly when they quantize every output channel with the
+    same scale, zero point and type, i.e. give the same fake-quantized weight (per-tensor
+    parameters broadcast to the channels, so per-tensor and an all-equal per-channel setting meet)."""
+    channels = int(shape[channel_axis % len(shape)]) if len(shape) else 1
+    scale = np.broadcast_to(np.asarray(qp.scale, dtype=np.float32).reshape(-1), (channels,))
+    zp = np.broadcast_to(np.asarray(qp.zero_point, dtype=np.int64).reshape(-1), (channels,))
+    return qp.bits, qp.signed, scale.tobytes(), zp.tobytes()
+
+
 def score_layers(
     pm: PreparedModel,
     stats: Mapping[str, object],
@@ -307,7 +316,7 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
         w = pm.weight(layer)
         weight_terms: list[tuple[WeightQuant | None, float, float]] = []
         qparams: dict[WeightQuant, QParams] = {}
-        seen: dict[bytes, tuple[float, float]] = {}
+        seen: dict[tuple, tuple[float, float]] = {}
         err_init = None  # error norms warm-start from the previous setting's error vector
         b = base[layer.name]
         float_gain = image_norm(capped[layer.name], w, b.vector) if b.method == "lanczos" and b.vector is not None else None
@@ -316,7 +325,7 @@ def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
                 weight_terms.append((None, L, 0.0))
                 continue
             wq, qparams[ws] = quantize_weight(w, ws)
-            key = hashlib.blake2b(wq.tobytes(), digest_size=16).digest()
+            key = _effective_qparams(qparams[ws], w.shape, layer.channel_axis)
             if key not in seen:  # settings that quantize to the same weights share their norms
                 dn = operator_norm(capped[layer.name], w - wq, init=err_init, **err_opts)
                 err_init = dn.vector

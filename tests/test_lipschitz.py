@@ -441,6 +441,40 @@ def test_conv_norm_pins_blas_and_runs_torch_single_threaded_only_on_a_busy_machi
         torch.set_num_threads(before)
 
 
+def test_compute_threads_nested_keeps_blas_pinned_and_limits_it_once(monkeypatch):
+    """A nested compute_threads (an operator norm inside scoring) does not re-limit BLAS, sets
+    torch's count only when it asks for one, and everything is restored on the way out."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import laqonnx._threads as thr
+
+    def blas():
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    limits = []
+    real = thr._one_blas_thread
+    monkeypatch.setattr(thr, "_one_blas_thread", lambda: limits.append(1) or real())
+    monkeypatch.setattr(thr.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threadpool_limits(2, user_api="blas"):
+            with thr.compute_threads():
+                assert blas() == {1} and torch.get_num_threads() == 2
+                with thr.compute_threads():
+                    assert blas() == {1} and torch.get_num_threads() == 2
+                with thr.compute_threads(1):
+                    assert blas() == {1} and torch.get_num_threads() == 1
+                assert blas() == {1} and torch.get_num_threads() == 2
+            assert limits == [1]
+            assert blas() == {2} and torch.get_num_threads() == 2
+            with thr.compute_threads():  # a later outermost call limits again
+                assert blas() == {1}
+            assert limits == [1, 1] and blas() == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("case", ["conv", "gemm-transB", "matmul"])
 def test_image_norm_is_the_gain_on_one_vector_as_onnxruntime_computes_it(case):
     from laqonnx.lipschitz import image_norm

@@ -238,3 +238,44 @@ def test_quantized_norm_one_step_tracks_converged_lanczos_better_than_lanczos_at
                 assert got == operator_norm(layer, wq, init=base.vector, **opts).value
             assert _quantized_norm(layer, base, gain, wq, dn, 0.0, opts) == operator_norm(layer, wq, init=base.vector, **opts).value
     assert worst_one_step < worst_lanczos  # Lanczos re-converged to tol is the noisier estimate of the change
+
+
+def test_settings_share_norms_exactly_when_they_give_the_same_weights(monkeypatch):
+    """The sharing key: equal for per-tensor and an all-equal per-channel setting (same fake-quant
+    weights), different as soon as one channel's scale differs; and in scoring, settings with the
+    same effective qparams get the same norms, computed once."""
+    from laqonnx.objective import _effective_qparams
+    from laqonnx.quantizers import QParams, WeightQuant, fake_quant
+
+    w = np.random.default_rng(0).normal(0, 1, (4, 3, 3, 3)).astype(np.float32)
+    w[1:] = w[0]  # every channel the same: per-channel max-abs scales are all equal
+    _, pt = quantize_weight(w, WeightQuant(8, PerTensor(), "maxabs"))
+    _, pc = quantize_weight(w, WeightQuant(8, PerChannel(0), "maxabs"))
+    assert np.array_equal(fake_quant(w, pt), fake_quant(w, pc))
+    assert _effective_qparams(pt, w.shape, 0) == _effective_qparams(pc, w.shape, 0)
+    other = QParams(scale=pc.scale * np.array([1, 1, 1, 1.01], np.float32), zero_point=pc.zero_point, bits=8, signed=True, axis=0)
+    assert not np.array_equal(fake_quant(w, other), fake_quant(w, pc))
+    assert _effective_qparams(other, w.shape, 0) != _effective_qparams(pc, w.shape, 0)
+    _, p4 = quantize_weight(w, WeightQuant(4, PerTensor(), "maxabs"))
+    assert _effective_qparams(p4, w.shape, 0) != _effective_qparams(pt, w.shape, 0)
+
+    # in scoring: per-channel max-abs and percentile 100 give the same scales, so the same norms,
+    # computed once (operator_norm is called for the error norm of each distinct weight only)
+    import laqonnx.lipschitz as lip
+
+    pm, stats = _prepared("mlp")
+    space = CandidateSpace(weight_bits=(8,), granularities=(PerChannel(),), weight_methods=("maxabs", "percentile"),
+                           weight_percentile=100.0, activation_methods=("minmax",))
+    calls = []
+    real = lip.operator_norm
+
+    def spy(layer, weight, **kw):
+        calls.append(layer.name)
+        return real(layer, weight, **kw)
+
+    monkeypatch.setattr(lip, "operator_norm", spy)
+    scored = score_layers(pm, stats, ObjectiveConfig(), space, progress=False)
+    for lt in scored.layers:
+        a, b = lt.scores
+        assert (a.lhat, a.weight_error_norm) == (b.lhat, b.weight_error_norm)
+        assert calls.count(lt.layer.name) == 3  # the float norm, one error norm, one quantized norm

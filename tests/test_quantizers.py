@@ -283,3 +283,31 @@ def test_mse_clip_per_channel_matches_the_full_grid(shape) -> None:
             if err < best_err:
                 best, best_err = s, err
         assert qp.scale[c] == best, c
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mse_errors_equal_the_float64_sum_of_fake_quant_errors(bits: int) -> None:
+    """The broadcast MSE pass (float32 difference) against fake_quant and a float64 difference,
+    over the whole clip grid down to 0.30 x max-abs (entries clipped by more than 2x, zero levels,
+    an all-zero channel): on the ratios >= 0.5 the float32 difference is exact and the sums agree to
+    1e-12 (summation order); below, entries clipped by more than 2x round in float32, within
+    2^-24 of each difference."""
+    from laqonnx.quantizers import MSE_CLIP_RATIOS, QParams, _mse_errors, fake_quant
+
+    r = np.random.default_rng(bits)
+    w2 = r.standard_t(2, (5, 301)).astype(np.float32)
+    w2[2] = 0.0
+    maxabs = np.abs(w2).max(axis=1)
+    clip = (np.where(maxabs > 0, maxabs, 1.0)[None] * MSE_CLIP_RATIOS.astype(np.float32)[:, None]).astype(np.float32)
+    got = _mse_errors(w2, clip, bits)
+    qmax = 2 ** (bits - 1) - 1
+    for i, ratio in enumerate(MSE_CLIP_RATIOS):
+        qp = QParams(scale=(clip[i] / np.float32(qmax)).astype(np.float32), zero_point=np.zeros(5, np.int64), bits=bits, signed=True, axis=0)
+        assert np.array_equal(qp.scale, (clip[i].astype(np.float64) * 2 / (2 * qmax)).astype(np.float32))
+        d = fake_quant(w2, qp).astype(np.float64) - w2.astype(np.float64)
+        want = (d * d).sum(axis=1)
+        np.testing.assert_allclose(got[i], want, rtol=1e-12 if ratio >= 0.5 else 2.0**-23, atol=0)
+        if ratio >= 0.5:
+            d32 = fake_quant(w2, qp) - w2
+            assert np.array_equal(d32.astype(np.float64), d)  # Sterbenz: the float32 difference is exact
+    assert np.all(got[:, 2] == 0.0)
