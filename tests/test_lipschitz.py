@@ -411,9 +411,10 @@ def test_periodic_warm_start_matches_cold_start_in_fewer_steps(case):
 
 @pytest.mark.parametrize("load,threads_inside", [(0.0, 2), (99.0, 1)])
 def test_conv_norm_pins_blas_and_runs_torch_single_threaded_only_on_a_busy_machine(monkeypatch, load, threads_inside):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
     import laqonnx._threads as thr
     import laqonnx.lipschitz as lip
-    from threadpoolctl import threadpool_info, threadpool_limits
 
     before = torch.get_num_threads()
     seen, blas = [], []
