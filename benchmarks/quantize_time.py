@@ -6,7 +6,8 @@ the two tools alternate, each run in a fresh output folder, >= 3 runs each; medi
 (target: ours / onnxruntime <= 1.5). Also recorded: our per-stage timings (median), and the lowering
 alternatives of DESIGN.md §5 on the same model: our `lower` (onnxruntime's QDQQuantizer fed with our
 ranges) vs `quantize_static` with the same planned weights as TensorQuantOverrides (which runs
-onnxruntime's own calibration pass again).
+onnxruntime's own calibration pass again); and the scoring floor: scoring with every weight-error
+norm replaced by 0, i.e. what any cheaper estimator of that term could at best bring.
 
     python benchmarks/quantize_time.py            # full: 224x224, 3 runs each
     python benchmarks/quantize_time.py --quick    # 112x112, width 32, 3 runs each
@@ -133,6 +134,41 @@ def lowering_alternatives(model: Path, calib: Path, x: np.ndarray, tmp: Path, ru
     }
 
 
+def scoring_floor(model: Path, x: np.ndarray, runs: int) -> dict:
+    """What scoring would cost if every weight-error norm ``||T[W - Q(W)]||`` were free: a lower
+    bound for any cheaper estimator of that term (a method change), measured side by side with the
+    real scoring on the same calibration statistics. The error norms are replaced by 0 (so every
+    int8 ``Lhat`` takes the one-step path, as it does now); everything else runs as in ``quantize``."""
+    import laqonnx.lipschitz as lip
+    from laqonnx.calibrate import collect
+    from laqonnx.graph import load_model
+    from laqonnx.lower import quantized_tensors
+    from laqonnx.objective import CandidateSpace, ObjectiveConfig, score_layers
+
+    pm = load_model(model)
+    tensors = quantized_tensors(pm.model)
+    stats = collect(pm.model, tensors, [x[:32], x[32:]], progress=False)
+    config, space = ObjectiveConfig(), CandidateSpace()
+    real = lip.operator_norm
+
+    def free_error_norms(layer, weight, **kw):
+        if kw.get("tol") == config.error_norm_tol:
+            return lip.OperatorNorm(0.0, "lanczos", 0, "", None)
+        return real(layer, weight, **kw)
+
+    full, floor = [], []
+    try:
+        for _ in range(runs):
+            for fn, into in ((real, full), (free_error_norms, floor)):
+                lip.operator_norm = fn
+                t = time.perf_counter()
+                score_layers(pm, stats, config, space, weight_bits=(8,), progress=False)
+                into.append(time.perf_counter() - t)
+    finally:
+        lip.operator_norm = real
+    return {"score_s": statistics.median(full), "score_without_error_norms_s": statistics.median(floor), "runs": runs}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="112x112, width 32")
@@ -182,11 +218,17 @@ def main() -> int:
         result["target_ratio"] = 1.5
         result["ours_stage_median_s"] = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
         result["lowering_alternatives"] = lowering_alternatives(model, calib, x, tmp, runs)
+        floor = scoring_floor(model, x, runs)
+        st = result["ours_stage_median_s"]
+        floor["total_floor_s"] = st["total"] - st["score"] + floor["score_without_error_norms_s"]
+        floor["ratio_floor"] = floor["total_floor_s"] / result["ort_median_s"]
+        result["scoring_floor"] = floor
         result["machine"]["load_avg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ours_median_s", "ort_median_s", "ratio", "ours_stage_median_s", "lowering_alternatives")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("ours_median_s", "ort_median_s", "ratio", "ours_stage_median_s", "lowering_alternatives",
+                                                 "scoring_floor")}, indent=2))
     print(f"wrote {out}")
     return 0
 
