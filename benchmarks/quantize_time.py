@@ -11,6 +11,7 @@ norm replaced by 0, i.e. what any cheaper estimator of that term could at best b
 
     python benchmarks/quantize_time.py            # full: 224x224, 3 runs each
     python benchmarks/quantize_time.py --quick    # 112x112, width 32, 3 runs each
+    python benchmarks/quantize_time.py --narrower # also the narrower candidate sets (--per-channel, --weight-methods maxabs)
 
 Writes benchmarks/results/quantize_time.json and prints a summary.
 """
@@ -169,10 +170,37 @@ def scoring_floor(model: Path, x: np.ndarray, runs: int) -> dict:
     return {"score_s": statistics.median(full), "score_without_error_norms_s": statistics.median(floor), "runs": runs}
 
 
+NARROWER = {  # name -> laqonnx.quantize keyword arguments (the CLI flags in the name)
+    "defaults": {},
+    "--per-channel": {"per_channel": True},
+    "--weight-methods maxabs": {"weight_methods": ("maxabs",)},
+    "--per-channel --weight-methods maxabs": {"per_channel": True, "weight_methods": ("maxabs",)},
+}
+
+
+def narrower_searches(model: Path, calib: Path, tmp: Path, runs: int) -> dict:
+    """``laqonnx.quantize`` time with narrower candidate sets (the CLI's --per-channel and
+    --weight-methods), the settings alternating in one process; medians."""
+    import laqonnx
+    from laqonnx.objective import CandidateSpace
+
+    times: dict[str, list[float]] = {k: [] for k in NARROWER}
+    for _ in range(runs):
+        for name, kw in NARROWER.items():
+            kw = dict(kw)
+            methods = kw.pop("weight_methods", None)
+            space = CandidateSpace(weight_methods=methods) if methods else None
+            t = time.perf_counter()
+            laqonnx.quantize(model, tmp / "narrow.onnx", str(calib), progress=False, candidates=space, **kw)
+            times[name].append(time.perf_counter() - t)
+    return {"median_s": {k: statistics.median(v) for k, v in times.items()}, "runs": runs}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="112x112, width 32")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--narrower", action="store_true", help="also time the narrower candidate sets (--per-channel, --weight-methods maxabs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantize_time.json"), help="result JSON")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
@@ -182,7 +210,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (64, 3, size, size)).astype(np.float32)
     result: dict = {
-        "command": "python benchmarks/quantize_time.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/quantize_time.py" + (" --quick" if args.quick else "") + f" --runs {runs}"
+                   + (" --narrower" if args.narrower else ""),
         "model": f"{source}(width={width}) at 3x{size}x{size}, random weights",
         "calibration": "64 uniform-random images in [0,1], batches of 32",
         "ort": "quantize_static QDQ, QUInt8 activations, QInt8 per-channel weights, MinMax",
@@ -223,12 +252,14 @@ def main() -> int:
         floor["total_floor_s"] = st["total"] - st["score"] + floor["score_without_error_norms_s"]
         floor["ratio_floor"] = floor["total_floor_s"] / result["ort_median_s"]
         result["scoring_floor"] = floor
+        if args.narrower:
+            result["narrower_searches"] = narrower_searches(model, calib, tmp, runs)
         result["machine"]["load_avg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("ours_median_s", "ort_median_s", "ratio", "ours_stage_median_s", "lowering_alternatives",
-                                                 "scoring_floor")}, indent=2))
+                                                 "scoring_floor", "narrower_searches") if k in result}, indent=2))
     print(f"wrote {out}")
     return 0
 

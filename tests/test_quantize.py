@@ -236,6 +236,34 @@ def test_cli_writes_model_plan_and_json(tiny, tmp_path, capsys):
     assert _run(out, models.random_input((1, 8, 8), n=2)).shape == (2, 10)
 
 
+def test_cli_method_lists_narrow_the_scored_candidates(tiny, tmp_path, capsys):
+    """--weight-methods / --activation-methods: only those candidates are scored (so chosen), in
+    both granularities; unknown names and --plan together with them are refused, nothing written."""
+    model, out, _ = tiny
+    np.savez(tmp_path / "calib.npz", x=models.random_input((1, 8, 8), n=16))
+    calib = str(tmp_path / "calib.npz")
+    rc = main(["quantize", str(model), "-o", str(out), "--calib", calib, "--weight-methods", "mse, maxabs,mse",
+               "--activation-methods", "entropy", "--no-progress"])
+    assert rc == 0
+    plan = Plan.load(tmp_path / "out.plan.json")
+    for lp in plan.layers:
+        weights = {(s.candidate.weight.method, type(s.candidate.weight.granularity).__name__) for s in lp.scores}
+        assert weights == {("mse", "PerTensor"), ("maxabs", "PerTensor"), ("mse", "PerChannel"), ("maxabs", "PerChannel")}
+        assert {s.candidate.activation.method for s in lp.scores} == {"entropy"}
+        assert lp.chosen.activation.method == "entropy" and lp.chosen.weight.method in ("mse", "maxabs")
+    capsys.readouterr()
+
+    out.write_bytes(b"previous output")
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(model), "-o", str(out), "--calib", calib, "--weight-methods", "maxabs,minmax"])
+    assert exc.value.code == 2
+    assert "expected a comma-separated subset of maxabs,mse,percentile" in capsys.readouterr().err
+    rc = main(["quantize", str(model), "-o", str(out), "--plan", str(tmp_path / "out.plan.json"), "--weight-methods", "maxabs",
+               "--no-progress"])
+    assert rc == 2 and "do not apply when re-applying a plan" in capsys.readouterr().err
+    assert out.read_bytes() == b"previous output"
+
+
 def test_adversarial_calibration_merges_histograms(tmp_path):
     from laqonnx.objective import CandidateSpace
 

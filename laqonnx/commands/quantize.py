@@ -27,6 +27,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+WEIGHT_METHODS = ("maxabs", "mse", "percentile")
+ACTIVATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+def _methods(allowed: tuple[str, ...]):
+    """argparse type: a comma-separated, non-empty subset of ``allowed`` (order kept, repeats dropped)."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"invalid method list {text!r}: expected a comma-separated subset of {','.join(allowed)}"
+            )
+        return tuple(dict.fromkeys(names))
+
+    return parse
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
@@ -53,6 +72,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="re-apply an (edited) plan instead of scoring; ranges are recomputed if --calib is given")
     p.add_argument("--baseline", choices=("ort-minmax", "ort-percentile", "ort-entropy"), help="also write onnxruntime's plain quantize_static model (OUT.<baseline>.onnx)")
     p.add_argument("--per-channel", action="store_true", help="per-channel weights only (and for --baseline); default scores per-tensor and per-channel")
+    p.add_argument(
+        "--weight-methods", type=_methods(WEIGHT_METHODS), metavar="M,..",
+        help="weight-range candidates to score, among maxabs,mse,percentile (default: all three); fewer is faster: "
+             "every candidate costs an operator norm of its quantization error per layer",
+    )
+    p.add_argument(
+        "--activation-methods", type=_methods(ACTIVATION_METHODS), metavar="M,..",
+        help="input-activation range candidates, among minmax,percentile,entropy,mse (default: all four)",
+    )
     p.add_argument("--input-shape", type=parse_shape, metavar="SHAPE", help="model input shape if dynamic, batch first, e.g. 1,3,32,32")
     p.add_argument("--calib-limit", type=_positive_int, metavar="N", help="use the first N calibration examples")
     p.add_argument("--allow-float", action="store_true", help="with a budget, allow leaving layers in float")
@@ -69,6 +97,18 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_path(args.json, args.model, args.plan)
+    candidates = None
+    if args.weight_methods or args.activation_methods:
+        from ..errors import PlanError
+        from ..objective import CandidateSpace
+
+        if args.plan:
+            raise PlanError("--weight-methods/--activation-methods choose what to score; they do not apply when re-applying "
+                            "a plan (--plan): edit the plan's settings instead")
+
+        default = CandidateSpace()
+        candidates = CandidateSpace(weight_methods=args.weight_methods or default.weight_methods,
+                                    activation_methods=args.activation_methods or default.activation_methods)
     result = quantize(
         args.model,
         args.output,
@@ -87,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         allow_float=args.allow_float,
         progress=not args.no_progress,
         norm_max_spatial=args.norm_max_spatial,
+        candidates=candidates,
     )
     rows = []
     for lp in result.plan.layers:
