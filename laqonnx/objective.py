@@ -46,9 +46,10 @@ application of the map (:func:`_quantized_norm`): the int8 change of the norm (~
 than the error of a Lanczos run converged to ``tol`` 1e-3 (measured up to 2.6e-4 L against
 converged Lanczos on ResNet-18; the one-step value stayed within 4e-5 L), so the old Lanczos value
 decided int8 ties by solver noise, at 8 steps per setting.
-With these, the vectorised MSE clip search and the cached activation-range searches, scoring that
-model took 14 s (median of 3, loaded machine; benchmarks/quantize_time.py), down from 69 s, with
-the same chosen settings on all 21 layers.
+With these, the vectorised MSE clip search, the cached activation-range searches and BLAS pinned
+once per stage, scoring that model takes 6.2-6.4 s (benchmarks/quantize_time.py --runs 5, quiet
+machine; 69 s before this work), with the same chosen settings on all 21 layers; about half of it
+is the error norms (the benchmark's scoring floor, every error norm free: 3.0 s).
 """
 
 from __future__ import annotations
