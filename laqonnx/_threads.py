@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 __all__ = ["compute_threads", "machine_busy"]
 
-_state = threading.local()  # .inside: this thread is within compute_threads
+_state = threading.local()  # .depth: how many compute_threads this thread is within
 
 
 def machine_busy() -> bool:
@@ -38,12 +38,13 @@ def compute_threads(torch_threads: int | None = None) -> Iterator[None]:
     Re-entrant: BLAS is limited by the outermost call on a thread only; a nested call (an operator
     norm inside scoring) just sets torch's count if it asks for one, so the BLAS libraries are
     looked up once per stage rather than once per norm (threadpoolctl re-scans the loaded
-    libraries on every limit: 0.2 s of scoring ResNet-18)."""
+    libraries on every limit: 0.2 s of scoring ResNet-18). The nesting is counted per thread; the
+    limits themselves are process-wide, as before."""
     try:
         import torch
     except ImportError:
         torch = None
-    outermost = not getattr(_state, "inside", False)
+    outermost = getattr(_state, "depth", 0) == 0
     before = torch.get_num_threads() if torch is not None else None
     if torch is not None:
         if torch_threads is not None:
@@ -52,12 +53,12 @@ def compute_threads(torch_threads: int | None = None) -> Iterator[None]:
             want = (1 if machine_busy() else before) if outermost else before
         if want != before:
             torch.set_num_threads(max(1, int(want)))
-    _state.inside = True
+    _state.depth = getattr(_state, "depth", 0) + 1  # a count, not a flag: right even if contexts close out of order
     try:
         with _one_blas_thread() if outermost else contextlib.nullcontext():
             yield
     finally:
-        _state.inside = not outermost
+        _state.depth -= 1
         if torch is not None and torch.get_num_threads() != before:
             torch.set_num_threads(before)
 

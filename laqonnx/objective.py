@@ -47,8 +47,8 @@ than the error of a Lanczos run converged to ``tol`` 1e-3 (measured up to 2.6e-4
 converged Lanczos on ResNet-18; the one-step value stayed within 4e-5 L), so the old Lanczos value
 decided int8 ties by solver noise, at 8 steps per setting.
 With these, the vectorised MSE clip search, the cached activation-range searches and BLAS pinned
-once per stage, scoring that model takes 6.2-6.4 s (benchmarks/quantize_time.py --runs 5, quiet
-machine; 69 s before this work), with the same chosen settings on all 21 layers; about half of it
+once per stage, scoring that model takes 6.2-6.4 s (benchmarks/quantize_time.py --runs 5, load
+1.2-1.5 on 2 cores, the benchmark included; 69 s before this work), with the same chosen settings on all 21 layers; about half of it
 is the error norms (the benchmark's scoring floor, every error norm free: 3.0 s).
 """
 
@@ -237,9 +237,11 @@ def _quantized_norm(layer: Layer, base, float_gain: float | None, wq: np.ndarray
 
 
 def _effective_qparams(qp: QParams, shape: Sequence[int], channel_axis: int) -> tuple:
-    """A key equal for two weight settings exactly when they quantize every output channel with the
-    same scale, zero point and type, i.e. give the same fake-quantized weight (per-tensor
-    parameters broadcast to the channels, so per-tensor and an all-equal per-channel setting meet)."""
+    """A key equal for two weight settings when they quantize every output channel with the same
+    scale, zero point and type, so give the same fake-quantized weight (per-tensor parameters
+    broadcast to the channels, so per-tensor and an all-equal per-channel setting meet). Equal keys
+    imply equal weights; the converse can fail (an all-zero channel quantizes to zeros at any
+    scale), which only costs a norm computed twice."""
     channels = int(shape[channel_axis % len(shape)]) if len(shape) else 1
     scale = np.broadcast_to(np.asarray(qp.scale, dtype=np.float32).reshape(-1), (channels,))
     zp = np.broadcast_to(np.asarray(qp.zero_point, dtype=np.int64).reshape(-1), (channels,))

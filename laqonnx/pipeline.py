@@ -315,6 +315,9 @@ def quantize(
         raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
     if plan is not None and (avg_weight_bits is not None or max_bytes is not None):
         raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
+    if plan is not None and candidates is not None:
+        raise PlanError("candidate sets (--weight-methods/--activation-methods, candidates=) choose what to score; they do not "
+                        "apply when re-applying a plan (--plan): edit the plan's settings instead")
     if baseline is not None and baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if calib_limit is not None and (not isinstance(calib_limit, int) or calib_limit < 1):

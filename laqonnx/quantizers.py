@@ -301,7 +301,8 @@ def _mse_errors(w2: np.ndarray, clip: np.ndarray, bits: int) -> np.ndarray:
     two are within a factor 2 of each other: every entry that rounds to a nonzero level, and every
     clipped entry while the clip is at least half the max-abs; the rest (zero levels: the
     difference is ``-w``; entries clipped by more than 2x) are exact or within 2^-24 of it. This
-    halves the time of a float64 difference (ResNet-18: the MSE clip search 1.4 -> 0.6 s)."""
+    halves the time of this pass against a float64 difference (512 x 4608 weight: 17.7 -> 7.8 ms; the
+    ResNet-18's whole MSE clip search, under cProfile: 1.4 -> 1.0 s)."""
     qmax = 2 ** (bits - 1) - 1
     scale, _ = _scale_zp(-clip, clip, -qmax, qmax, True)  # (r, rows) float32, zero point 0
     s = scale[:, :, None]

@@ -472,6 +472,20 @@ def test_compute_threads_nested_keeps_blas_pinned_and_limits_it_once(monkeypatch
             with thr.compute_threads():  # a later outermost call limits again
                 assert blas() == {1}
             assert limits == [1, 1] and blas() == {2}
+
+            def held():  # a context kept open across a yield, closed after the outer one
+                with thr.compute_threads():
+                    yield
+
+            outer = thr.compute_threads()
+            outer.__enter__()
+            gen = held()
+            next(gen)
+            outer.__exit__(None, None, None)
+            gen.close()
+            with thr.compute_threads():  # still counted right: this one is outermost again
+                assert blas() == {1}
+            assert limits == [1, 1, 1, 1]
     finally:
         torch.set_num_threads(before)
 

@@ -239,6 +239,8 @@ def test_cli_writes_model_plan_and_json(tiny, tmp_path, capsys):
 def test_cli_method_lists_narrow_the_scored_candidates(tiny, tmp_path, capsys):
     """--weight-methods / --activation-methods: only those candidates are scored (so chosen), in
     both granularities; unknown names and --plan together with them are refused, nothing written."""
+    from laqonnx.objective import CandidateSpace
+
     model, out, _ = tiny
     np.savez(tmp_path / "calib.npz", x=models.random_input((1, 8, 8), n=16))
     calib = str(tmp_path / "calib.npz")
@@ -261,6 +263,10 @@ def test_cli_method_lists_narrow_the_scored_candidates(tiny, tmp_path, capsys):
     rc = main(["quantize", str(model), "-o", str(out), "--plan", str(tmp_path / "out.plan.json"), "--weight-methods", "maxabs",
                "--no-progress"])
     assert rc == 2 and "do not apply when re-applying a plan" in capsys.readouterr().err
+    assert out.read_bytes() == b"previous output"
+    with pytest.raises(PlanError, match="do not apply when re-applying a plan"):  # the API says the same
+        laqonnx.quantize(model, out, plan=tmp_path / "out.plan.json", candidates=CandidateSpace(weight_methods=("maxabs",)),
+                         progress=False)
     assert out.read_bytes() == b"previous output"
 
 

@@ -99,12 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         check_output_path(args.json, args.model, args.plan)
     candidates = None
     if args.weight_methods or args.activation_methods:
-        from ..errors import PlanError
-        from ..objective import CandidateSpace
-
-        if args.plan:
-            raise PlanError("--weight-methods/--activation-methods choose what to score; they do not apply when re-applying "
-                            "a plan (--plan): edit the plan's settings instead")
+        from ..objective import CandidateSpace  # with --plan, quantize() refuses them
 
         default = CandidateSpace()
         candidates = CandidateSpace(weight_methods=args.weight_methods or default.weight_methods,
