@@ -85,14 +85,29 @@ def _torch():
         return None
 
 
+def _conv_geometry(layer: Layer):
+    """A Conv/ConvTranspose's spatial rank, pads (begin, end), strides, dilations, kernel and the
+    torch keyword arguments (stride, dilation, groups)."""
+    a = layer.attrs
+    nd = len(layer.weight_shape) - 2
+    begin, end = list(a["pads"][:nd]), list(a["pads"][nd:])
+    strides, dil, kernel = tuple(a["strides"]), tuple(a["dilations"]), tuple(a["kernel_shape"])
+    return nd, begin, end, strides, dil, kernel, dict(stride=strides, dilation=dil, groups=int(a["group"]))
+
+
+def _transposed_extent(layer: Layer) -> tuple[list[int], list[int]]:
+    """A ConvTranspose's full (unpadded) output size per axis, and where its cropped output stops
+    (``output_padding`` adds zeros only)."""
+    nd, _, end, strides, dil, kernel, _ = _conv_geometry(layer)
+    out_pad = layer.attrs.get("output_padding", (0,) * nd)
+    full = [s * (n - 1) + (k - 1) * d + 1 for n, s, k, d in zip(layer.input_shape[2:], strides, kernel, dil)]
+    return full, [min(f, f + op - e) for f, op, e in zip(full, out_pad, end)]
+
+
 def _conv_map(torch, layer: Layer, w):
     """x (1, C, *spatial) -> the layer's linear part, as a torch function."""
     F = torch.nn.functional
-    a = layer.attrs
-    nd = len(layer.weight_shape) - 2
-    pads = a["pads"]
-    begin, end = list(pads[:nd]), list(pads[nd:])
-    kw = dict(stride=tuple(a["strides"]), dilation=tuple(a["dilations"]), groups=int(a["group"]))
+    nd, begin, end, _, _, _, kw = _conv_geometry(layer)
     if layer.op_type == "Conv":
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
         if begin == end:
@@ -100,10 +115,7 @@ def _conv_map(torch, layer: Layer, w):
         flat = [p for i in reversed(range(nd)) for p in (begin[i], end[i])]
         return lambda x: conv(F.pad(x, flat), w, **kw)
     convt = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-    out_pad = a.get("output_padding", (0,) * nd)
-    in_sp = layer.input_shape[2:]
-    full = [s * (n - 1) + (k - 1) * d + 1 for n, s, k, d in zip(in_sp, a["strides"], a["kernel_shape"], a["dilations"])]
-    stops = [min(f, f + op - e) for f, op, e in zip(full, out_pad, end)]  # output_padding adds zeros only
+    _, stops = _transposed_extent(layer)
     index = (slice(None), slice(None), *[slice(b, s) for b, s in zip(begin, stops)])
     return lambda x: convt(x, w, **kw)[index]
 
@@ -111,12 +123,7 @@ def _conv_map(torch, layer: Layer, w):
 def _conv_adjoint(torch, layer: Layer, w):
     """The adjoint of :func:`_conv_map` (explicit, cheaper than autograd)."""
     F = torch.nn.functional
-    a = layer.attrs
-    nd = len(layer.weight_shape) - 2
-    pads = a["pads"]
-    begin, end = list(pads[:nd]), list(pads[nd:])
-    strides, dil, kernel = tuple(a["strides"]), tuple(a["dilations"]), tuple(a["kernel_shape"])
-    kw = dict(stride=strides, dilation=dil, groups=int(a["group"]))
+    nd, begin, end, strides, dil, kernel, kw = _conv_geometry(layer)
     in_sp = layer.input_shape[2:]
     if layer.op_type == "Conv":  # conv(pad(x)) -> crop(conv_transpose(y))
         convt = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
@@ -126,9 +133,7 @@ def _conv_adjoint(torch, layer: Layer, w):
         index = (slice(None), slice(None), *[slice(b, b + n) for b, n in zip(begin, in_sp)])
         return lambda y: convt(y, w, output_padding=extra, **kw)[index]
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]  # crop(conv_transpose(x)) -> conv(zero-extend(z))
-    out_pad = a.get("output_padding", (0,) * nd)
-    full = [s * (n - 1) + (k - 1) * d + 1 for n, s, k, d in zip(in_sp, strides, kernel, dil)]
-    stops = [min(f, f + op - e) for f, op, e in zip(full, out_pad, end)]
+    full, stops = _transposed_extent(layer)
     widths = [s - b for s, b in zip(stops, begin)]
     flat = [p for i in reversed(range(nd)) for p in (begin[i], full[i] - stops[i])]
 
@@ -148,10 +153,7 @@ def _periodic_start(torch, layer: Layer, w, shape: tuple[int, ...], tol: float, 
     ``m``), so the tiled vector has nearly the top Rayleigh quotient and Lanczos at the real size
     only refines it. Returns None when no period smaller than the input fits.
     """
-    a = layer.attrs
-    nd = len(layer.weight_shape) - 2
-    begin = list(a["pads"][:nd])
-    strides, dil, kernel = tuple(a["strides"]), tuple(a["dilations"]), tuple(a["kernel_shape"])
+    _, begin, _, strides, dil, kernel, kw = _conv_geometry(layer)
     sizes = shape[2:]
     periods = []
     for n, s, k, d in zip(sizes, strides, kernel, dil):
@@ -163,7 +165,7 @@ def _periodic_start(torch, layer: Layer, w, shape: tuple[int, ...], tol: float, 
         return None
     small = (1, shape[1], *periods)
 
-    circular, adjoint = _circular_conv(torch, w, tuple(begin), tuple(periods), strides, dil, int(a["group"]))
+    circular, adjoint = _circular_conv(torch, w, tuple(begin), tuple(periods), strides, dil, kw["groups"])
     _, vec, _, _ = _iterative_sigma(torch, circular, small, None, max(tol, _START_TOL), 200, seed, adjoint)
     reps = [1, *[-(-n // m) for n, m in zip(sizes, periods)]]
     tiled = np.tile(vec, reps)[(slice(None), *[slice(0, n) for n in sizes])]
