@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "streaming_ok": all(r <= TARGET_RATIO for r in ratio.values()),
     }
     sys.path.insert(0, str(ROOT))
-    from laqonnx._io import atomic_write_json
+    from laqonnx._util.io import atomic_write_json
 
     atomic_write_json(RESULT, result)
     print(

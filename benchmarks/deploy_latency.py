@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from laqonnx._io import atomic_write_json  # noqa: E402
+from laqonnx._util.io import atomic_write_json  # noqa: E402
 from laqonnx.deployment import deploy  # noqa: E402
 from laqonnx.latency import cpu_info  # noqa: E402
 

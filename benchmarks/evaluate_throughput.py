@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=None, help="test examples (default 200, quick 100)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from laqonnx._io import atomic_write_json
+    from laqonnx._util.io import atomic_write_json
     from laqonnx.robustness.evaluate import evaluate
 
     presets = args.presets or (["quick"] if args.quick else ["quick", "standard"])

@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from laqonnx._io import atomic_write_json, atomic_write_text  # noqa: E402
+from laqonnx._util.io import atomic_write_json, atomic_write_text  # noqa: E402
 from laqonnx.demo import RECORD_METHODS, MethodContext, int4_rule, quantize_method  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
 
-    from laqonnx._io import atomic_write_bytes, check_output_path
+    from laqonnx._util.io import atomic_write_bytes, check_output_path
     from laqonnx.errors import LaqonnxError
 
     try:

@@ -155,7 +155,7 @@ def _float(ctx: MethodContext) -> Quantized:
 def _ort(name: str, baseline: str, per_channel: bool) -> None:
     @method(name)
     def run(ctx: MethodContext) -> Quantized:
-        from ._io import save_model
+        from ._util.io import save_model
         from .lower import ort_baseline
 
         t0 = time.perf_counter()
@@ -184,7 +184,7 @@ def ort_mixed(pm: Any, batches: Sequence[np.ndarray], int4_weights: Sequence[str
 def _ort_int4(name: str, everything: bool) -> None:
     @method(name)
     def run(ctx: MethodContext) -> Quantized:
-        from ._io import save_model
+        from ._util.io import save_model
 
         t0 = time.perf_counter()
         pm, batches = _calib_batches(ctx.float_path, ctx.calib, ctx.calib_limit)
@@ -298,7 +298,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
     """Run the demo (see the module doc); return its rows and where the report is."""
     from tqdm.auto import tqdm
 
-    from ._io import atomic_write_json, atomic_write_text
+    from ._util.io import atomic_write_json, atomic_write_text
     from .analysis import analyze
     from .latency import compare_latency
     from .report import format_table, write_report

@@ -42,7 +42,7 @@ from typing import Literal, Sequence
 
 import onnx
 
-from ._io import check_output_path, save_model
+from ._util.io import check_output_path, save_model
 from .errors import DataError, ModelError, require
 
 __all__ = ["DeployOptions", "DeployResult", "deploy", "build_deployed_model", "read_labels", "INPUT_NAME"]

@@ -16,7 +16,7 @@ from types import MappingProxyType
 import numpy as np
 import onnx
 
-from ._threads import compute_threads
+from ._util.threads import compute_threads
 from .graph import Layer, PreparedModel
 
 __all__ = [

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._threads import compute_threads
+from ._util.threads import compute_threads
 from .graph import Layer, PreparedModel
 from .plan import Candidate, Score
 from .quantizers import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant, quantize_weight

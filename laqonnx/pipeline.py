@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ._io import atomic_write_json, check_output_path, save_model
-from ._threads import compute_threads
+from ._util.io import atomic_write_json, check_output_path, save_model
+from ._util.threads import compute_threads
 from .errors import DataError, PlanError
 from .graph import PreparedModel, load_model
 from .lower import BASELINES, LoweringSpec, lower, ort_baseline, quantized_tensors

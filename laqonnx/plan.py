@@ -259,7 +259,7 @@ class Plan:
             raise PlanError(f"invalid plan: {type(exc).__name__}: {exc}") from exc
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from ._io import atomic_write_json
+        from ._util.io import atomic_write_json
 
         return atomic_write_json(path, self.to_json())
 

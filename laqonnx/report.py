@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
-from ._io import atomic_write_bytes, atomic_write_text
+from ._util.io import atomic_write_bytes, atomic_write_text
 from .errors import DataError, OutputError
 
 __all__ = ["Column", "format_value", "format_table", "markdown_table", "write_report"]

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from laqonnx._io import atomic_write_bytes, check_output_path, save_model
+from laqonnx._util.io import atomic_write_bytes, check_output_path, save_model
 from laqonnx.errors import OutputError
 from tests import models
 

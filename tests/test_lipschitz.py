@@ -413,7 +413,7 @@ def test_periodic_warm_start_matches_cold_start_in_fewer_steps(case):
 def test_conv_norm_pins_blas_and_runs_torch_single_threaded_only_on_a_busy_machine(monkeypatch, load, threads_inside):
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    import laqonnx._threads as thr
+    import laqonnx._util.threads as thr
     import laqonnx.lipschitz as lip
 
     before = torch.get_num_threads()
@@ -447,7 +447,7 @@ def test_compute_threads_nested_keeps_blas_pinned_and_limits_it_once(monkeypatch
     torch's count only when it asks for one, and everything is restored on the way out."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    import laqonnx._threads as thr
+    import laqonnx._util.threads as thr
 
     def blas():
         return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}

@@ -96,7 +96,7 @@ def format_table(analysis) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import atomic_write_json, check_output_path
+    from .._util.io import atomic_write_json, check_output_path
     from ..analysis import analyze
 
     if args.json:

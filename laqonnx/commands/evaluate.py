@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 
     require("torch", "robustness")
     require("art", "robustness")
-    from .._io import atomic_write_json, check_output_path
+    from .._util.io import atomic_write_json, check_output_path
     from ..robustness.evaluate import evaluate, format_table
 
     if args.json:

@@ -91,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .._io import atomic_write_json, check_output_path
+    from .._util.io import atomic_write_json, check_output_path
     from ..pipeline import quantize
     from ..report import format_table
 

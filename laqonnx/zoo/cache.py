@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_json
+from .._util.io import atomic_write_json
 from ..errors import OutputError
 
 __all__ = ["ZooModel", "get_model", "get_random_model", "resolve_cache_dir", "config_key", "CACHE_ENV", "CACHE_FORMAT"]

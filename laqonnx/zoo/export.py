@@ -16,7 +16,7 @@ from typing import Sequence
 import onnx
 from onnx import numpy_helper
 
-from .._io import save_model
+from .._util.io import save_model
 from ..errors import require
 
 __all__ = ["export_onnx", "INPUT_NAME", "OUTPUT_NAME"]
@@ -35,7 +35,7 @@ def export_onnx(
 
     Args:
         module: the classifier; exported in eval mode, its training flag is restored afterwards.
-        path: where to write the model atomically (``laqonnx._io.save_model``), or None.
+        path: where to write the model atomically (``laqonnx._util.io.save_model``), or None.
         input_shape: ``(C, H, W)`` or ``(N, C, H, W)``; the batch axis is dynamic either way.
         opset: ONNX opset (17 by default).
     """
