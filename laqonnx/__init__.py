@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _API: dict[str, str] = {
-    "analyze": "laqonnx.analysis",
-    "Analysis": "laqonnx.analysis",
+    "analyze": "laqonnx.lipschitz.analyze",
+    "Analysis": "laqonnx.lipschitz.analyze",
     "quantize": "laqonnx.pipeline",
     "QuantizeResult": "laqonnx.pipeline",
     "evaluate": "laqonnx.robustness.evaluate",

@@ -299,7 +299,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
     from tqdm.auto import tqdm
 
     from ._util.io import atomic_write_json, atomic_write_text
-    from .analysis import analyze
+    from .lipschitz.analyze import analyze
     from .latency import compare_latency
     from .report import format_table, write_report
     from .robustness.evaluate import evaluate

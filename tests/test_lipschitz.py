@@ -309,7 +309,7 @@ def test_unknown_op_makes_downstream_unknown_and_names_it(kind):
 
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_explicit_adjoint_matches_autograd(case):
-    from laqonnx.lipschitz import _conv_adjoint, _conv_map
+    from laqonnx.lipschitz.maps import _conv_adjoint, _conv_map
 
     op, in_shape, w_shape, attrs = CONV_CASES[case]
     w = np.random.default_rng(len(case)).normal(0, 0.5, w_shape)
@@ -359,7 +359,7 @@ def test_circular_conv_and_its_explicit_adjoint(case):
     evaluated independently with numpy index arithmetic, and its adjoint equals autograd."""
     import itertools
 
-    from laqonnx.lipschitz import _circular_conv
+    from laqonnx.lipschitz.maps import _circular_conv
 
     (cin, cout, groups), kernel, strides, dil, shifts, periods = CIRCULAR_CASES[case]
     rng = np.random.default_rng(7)
@@ -414,7 +414,7 @@ def test_conv_norm_pins_blas_and_runs_torch_single_threaded_only_on_a_busy_machi
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import laqonnx._util.threads as thr
-    import laqonnx.lipschitz as lip
+    import laqonnx.lipschitz.solvers as lip
 
     before = torch.get_num_threads()
     seen, blas = [], []
@@ -549,11 +549,11 @@ def test_pointwise_conv_norm_is_exact_from_the_weight_matrix(case):
 
 def linear_map_norm_of(layer, weight) -> float:
     """The conv's norm by Lanczos on the conv map itself (no 1x1 shortcut), converged tightly."""
-    import laqonnx.lipschitz as lip
+    from laqonnx.lipschitz import maps, solvers
 
     t = torch
     shape = (1, *layer.input_shape[1:])
-    return lip.linear_map_norm(
-        lambda dtype: lip._conv_map(t, layer, t.tensor(np.asarray(weight), dtype=dtype)), shape, tol=1e-7, max_iter=2000,
-        seed=0, init=None, adjoint_builder=lambda dtype: lip._conv_adjoint(t, layer, t.tensor(np.asarray(weight), dtype=dtype)),
+    return solvers.linear_map_norm(
+        lambda dtype: maps._conv_map(t, layer, t.tensor(np.asarray(weight), dtype=dtype)), shape, tol=1e-7, max_iter=2000,
+        seed=0, init=None, adjoint_builder=lambda dtype: maps._conv_adjoint(t, layer, t.tensor(np.asarray(weight), dtype=dtype)),
     ).value

@@ -97,7 +97,7 @@ def format_table(analysis) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .._util.io import atomic_write_json, check_output_path
-    from ..analysis import analyze
+    from ..lipschitz.analyze import analyze
 
     if args.json:
         check_output_path(args.json, args.model)

@@ -271,7 +271,7 @@ def evaluate(
     is the float model used for transfer attacks. ``sweep`` (default: on iff ``report_dir``)
     adds robust accuracy at 0, 0.25, 0.5, 1 and 1.5 x eps. ``report_dir`` writes the Markdown +
     PNG report through :func:`laqonnx.report.write_report`, with ``analyses`` (default: computed
-    by :func:`laqonnx.analysis.analyze` for each model). Seeds numpy's and torch's global RNGs.
+    by :func:`laqonnx.lipschitz.analyze.analyze` for each model). Seeds numpy's and torch's global RNGs.
 
     ``threads`` is the number of onnxruntime and torch threads used by the attacks (default 1:
     attacks run small batches where per-op overhead dominates, and multi-threaded torch was
@@ -327,7 +327,7 @@ def _analyses(models: list[Any], names: list[str], shape: tuple[int, ...]) -> di
     """Per-layer Lipschitz analyses for the report's plot; a model the analysis rejects is left out."""
     import warnings
 
-    from ..analysis import analyze
+    from ..lipschitz.analyze import analyze
     from ..errors import LaqonnxError
 
     out: dict[str, dict] = {}

@@ -85,7 +85,7 @@ class Analysis:
 
 
 def _weight_errors(w, axis: int) -> WeightErrors:
-    from .quantizers import PerChannel, PerTensor, WeightQuant, relative_weight_error
+    from ..quantizers import PerChannel, PerTensor, WeightQuant, relative_weight_error
 
     def err(bits: int, gran) -> float:
         return relative_weight_error(w, WeightQuant(bits=bits, granularity=gran, method="maxabs"))
@@ -100,7 +100,7 @@ def _weight_errors(w, axis: int) -> WeightErrors:
 
 def _cpu_warning() -> str | None:
     try:
-        from .latency import cpu_info
+        from ..latency import cpu_info
     except ImportError:  # a build without the latency module: read the flags ourselves
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
@@ -131,8 +131,9 @@ def analyze(
     """
     from tqdm import tqdm
 
-    from .graph import load_model
-    from .lipschitz import network_bounds, operator_norm
+    from ..graph import load_model
+    from .network import network_bounds
+    from .norms import operator_norm
 
     pm = load_model(model, input_shape)
     norms = {}
