@@ -1,4 +1,4 @@
-"""Peak memory of laqonnx.calibrate.collect() with N vs 10N calibration samples (streaming check).
+"""Peak memory of laqonnx.quant.collect.collect() with N vs 10N calibration samples (streaming check).
 
 Each measurement runs in a fresh subprocess: a conv model (3x32x32 input, two convs of 16 and 32
 channels) is calibrated on every activation, with input batches generated on the fly so that the
@@ -28,7 +28,7 @@ CHILD = r"""
 import json, resource, sys, time, tracemalloc
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
-from laqonnx.calibrate import collect
+from laqonnx.quant.collect import collect
 
 n, batch, bins = (int(a) for a in sys.argv[1:4])
 rng = np.random.default_rng(0)

@@ -104,8 +104,8 @@ def lowering_alternatives(model: Path, calib: Path, x: np.ndarray, tmp: Path, ru
     """Our lowering (QDQQuantizer + our ranges) vs quantize_static + TensorQuantOverrides, same plan."""
     import laqonnx
     from laqonnx.graph import load_model
-    from laqonnx.lower import LoweringSpec, _weight_override, lower
-    from laqonnx.quantizers import weight_qparams
+    from laqonnx.quant.lower import LoweringSpec, _weight_override, lower
+    from laqonnx.quant.numerics import weight_qparams
 
     res = laqonnx.quantize(model, tmp / "plan_src.onnx", str(calib), progress=False)
     pm = load_model(model)
@@ -141,10 +141,10 @@ def scoring_floor(model: Path, x: np.ndarray, runs: int) -> dict:
     real scoring on the same calibration statistics. The error norms are replaced by 0 (so every
     int8 ``Lhat`` takes the one-step path, as it does now); everything else runs as in ``quantize``."""
     import laqonnx.lipschitz as lip
-    from laqonnx.calibrate import collect
+    from laqonnx.quant.collect import collect
     from laqonnx.graph import load_model
-    from laqonnx.lower import quantized_tensors
-    from laqonnx.objective import CandidateSpace, ObjectiveConfig, score_layers
+    from laqonnx.quant.lower import quantized_tensors
+    from laqonnx.quant.metric import CandidateSpace, ObjectiveConfig, score_layers
 
     pm = load_model(model)
     tensors = quantized_tensors(pm.model)
@@ -182,7 +182,7 @@ def narrower_searches(model: Path, calib: Path, tmp: Path, runs: int) -> dict:
     """``laqonnx.quantize`` time with narrower candidate sets (the CLI's --per-channel and
     --weight-methods), the settings alternating in one process; medians."""
     import laqonnx
-    from laqonnx.objective import CandidateSpace
+    from laqonnx.quant.metric import CandidateSpace
 
     times: dict[str, list[float]] = {k: [] for k in NARROWER}
     for _ in range(runs):

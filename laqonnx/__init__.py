@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 _API: dict[str, str] = {
     "analyze": "laqonnx.lipschitz.analyze",
     "Analysis": "laqonnx.lipschitz.analyze",
-    "quantize": "laqonnx.pipeline",
-    "QuantizeResult": "laqonnx.pipeline",
+    "quantize": "laqonnx.quant.workflow",
+    "QuantizeResult": "laqonnx.quant.workflow",
     "evaluate": "laqonnx.robustness.evaluate",
     "EvaluationReport": "laqonnx.robustness.evaluate",
     "deploy": "laqonnx.deployment",

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .quantizers import QParams, dequantize
+from .quant.numerics import QParams, dequantize
 
 __all__ = ["QDQ_DOMAINS", "QUANTIZED_OPS", "StrippedQDQ", "count_quantized_nodes", "strip_qdq"]
 

@@ -156,7 +156,7 @@ def _ort(name: str, baseline: str, per_channel: bool) -> None:
     @method(name)
     def run(ctx: MethodContext) -> Quantized:
         from ._util.io import save_model
-        from .lower import ort_baseline
+        from .quant.lower import ort_baseline
 
         t0 = time.perf_counter()
         pm, batches = _calib_batches(ctx.float_path, ctx.calib, ctx.calib_limit)
@@ -175,7 +175,7 @@ _ort("ort-percentile", "ort-percentile", False)
 def ort_mixed(pm: Any, batches: Sequence[np.ndarray], int4_weights: Sequence[str]) -> Any:
     """onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel, uint8 activations, int8 weights)
     with int4 weights on ``int4_weights``. Returns the ModelProto."""
-    from .lower import ort_baseline
+    from .quant.lower import ort_baseline
 
     return ort_baseline(pm.model, pm.input_name, batches, method="ort-minmax", per_channel=True,
                         int4_weights=int4_weights)
@@ -202,7 +202,7 @@ _ort_int4("ort-int4", True)
 def _laq(name: str, objective: str, budget: Callable[[MethodContext], float | None]) -> None:
     @method(name)
     def run(ctx: MethodContext) -> Quantized:
-        from .pipeline import quantize
+        from .quant.workflow import quantize
 
         t0 = time.perf_counter()
         bits = budget(ctx)

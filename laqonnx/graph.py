@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 from ._qdq import count_quantized_nodes, strip_qdq
 from .errors import ModelError
-from .quantizers import QParams
+from .quant.numerics import QParams
 
 __all__ = ["Layer", "SkippedNode", "PreparedModel", "load_model", "with_outputs", "WEIGHTED_OPS"]
 

@@ -1,4 +1,4 @@
-"""laqonnx.calibrate: exact streaming/merging, ranges vs numpy and onnxruntime, error estimates vs measurement."""
+"""laqonnx.quant.stats, .collect, .ranges: exact streaming/merging, ranges vs numpy and onnxruntime, error estimates vs measurement."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from laqonnx.calibrate import (
-    _BLOCK,
-    StatsCollector,
-    TensorStats,
+from laqonnx.quant.collect import collect
+from laqonnx.quant.ranges import (
     _folded,
     _kl_scores,
     _kl_threshold,
@@ -23,11 +21,11 @@ from laqonnx.calibrate import (
     activation_error,
     activation_norm,
     activation_range,
-    collect,
 )
+from laqonnx.quant.stats import _BLOCK, StatsCollector, TensorStats
 from laqonnx.data import ArraySource
 from laqonnx.errors import DataError, ModelError
-from laqonnx.quantizers import ActivationQuant, activation_qparams, fake_quant
+from laqonnx.quant.numerics import ActivationQuant, activation_qparams, fake_quant
 from tests.models import cnn, random_input
 
 METHODS = ("minmax", "percentile", "entropy", "mse")

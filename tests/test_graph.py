@@ -255,7 +255,7 @@ def test_ort_qdq_model_reads_as_dequantized_float(builder, per_channel, tmp_path
 
 def _weight_only_qdq(model: onnx.ModelProto, etype: int, domain: str, opset: int) -> tuple[onnx.ModelProto, dict]:
     """``model`` with every weight stored as ``etype`` per output channel behind a DequantizeLinear (no activation QDQ)."""
-    from laqonnx.quantizers import QParams, quantize
+    from laqonnx.quant.numerics import QParams, quantize
 
     bits, signed = {TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False), TensorProto.INT8: (8, True),
                     TensorProto.UINT8: (8, False), TensorProto.INT16: (16, True)}[etype]

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from laqonnx.lower import LoweringSpec, lower, ort_baseline, quantized_tensors
-from laqonnx.quantizers import ActivationQuant, PerChannel, PerTensor, WeightQuant, activation_qparams, weight_qparams
+from laqonnx.quant.lower import LoweringSpec, lower, ort_baseline, quantized_tensors
+from laqonnx.quant.numerics import ActivationQuant, PerChannel, PerTensor, WeightQuant, activation_qparams, weight_qparams
 from tests import models
 
 WEIGHTS = {"cnn": ("w1", "w2", "w3"), "residual": ("w0", "wa", "wb", "wf"), "concat": ("wl", "wr", "wm")}
@@ -92,7 +92,7 @@ def test_written_scales_are_the_planned_ones(bits, gran, method):
         expected_type = onnx.TensorProto.INT4 if qp.bits == 4 else onnx.TensorProto.INT8
         init = next(i for i in q.graph.initializer if i.name == f"{w}_quantized")
         assert init.data_type == expected_type
-        from laqonnx.quantizers import quantize
+        from laqonnx.quant.numerics import quantize
 
         np.testing.assert_array_equal(out[f"{w}_quantized"].astype(np.int64), quantize(inits[w], qp).astype(np.int64))
     # the model input's scale is compute_scale_zp of its planned range

@@ -17,13 +17,14 @@ import numpy as np
 import onnx
 import pytest
 
-from laqonnx.calibrate import activation_error, activation_norm, activation_range, collect
+from laqonnx.quant.collect import collect
+from laqonnx.quant.ranges import activation_error, activation_norm, activation_range
 from laqonnx.graph import load_model
 from laqonnx.lipschitz import network_bounds, operator_norm
-from laqonnx.lower import quantized_tensors
-from laqonnx.objective import CandidateSpace, ObjectiveConfig, eps_l2, score_layers
-from laqonnx.pipeline import choose
-from laqonnx.quantizers import PerChannel, PerTensor, quantize_weight
+from laqonnx.quant.lower import quantized_tensors
+from laqonnx.quant.metric import CandidateSpace, ObjectiveConfig, eps_l2, score_layers
+from laqonnx.quant.costs import choose
+from laqonnx.quant.numerics import PerChannel, PerTensor, quantize_weight
 from tests import models
 
 SPACE = CandidateSpace(
@@ -200,7 +201,7 @@ def test_quantized_norm_one_step_tracks_converged_lanczos_better_than_lanczos_at
     within 5e-5 * L of the converged difference (tol 1e-9); int4 (a large perturbation) runs
     Lanczos; first_order_max=0 always runs Lanczos."""
     from laqonnx.lipschitz import image_norm
-    from laqonnx.objective import _quantized_norm
+    from laqonnx.quant.metric import _quantized_norm
 
     r = np.random.default_rng(4)
     w = r.normal(0, 0.2, (16, 16, 3, 3))
@@ -244,8 +245,8 @@ def test_settings_share_norms_exactly_when_they_give_the_same_weights(monkeypatc
     """The sharing key: equal for per-tensor and an all-equal per-channel setting (same fake-quant
     weights), different as soon as one channel's scale differs; and in scoring, settings with the
     same effective qparams get the same norms, computed once."""
-    from laqonnx.objective import _effective_qparams
-    from laqonnx.quantizers import QParams, WeightQuant, fake_quant
+    from laqonnx.quant.metric import _effective_qparams
+    from laqonnx.quant.numerics import QParams, WeightQuant, fake_quant
 
     w = np.random.default_rng(0).normal(0, 1, (4, 3, 3, 3)).astype(np.float32)
     w[1:] = w[0]  # every channel the same: per-channel max-abs scales are all equal

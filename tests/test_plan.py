@@ -9,8 +9,9 @@ import pytest
 
 from laqonnx.errors import PlanError
 from laqonnx.graph import load_model
-from laqonnx.plan import Candidate, LayerPlan, Plan, Score, TensorRange
-from laqonnx.quantizers import ActivationQuant, PerChannel, PerTensor, WeightQuant
+from laqonnx.quant.metric import Candidate, Score
+from laqonnx.quant.plan import LayerPlan, Plan, TensorRange
+from laqonnx.quant.numerics import ActivationQuant, PerChannel, PerTensor, WeightQuant
 from tests import models
 
 SHA = "ab" * 32

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 import laqonnx
 from laqonnx.cli import main
 from laqonnx.errors import PlanError
-from laqonnx.plan import Plan
+from laqonnx.quant.plan import Plan
 from laqonnx.zoo.digits import load_digits
 from tests import models
 
@@ -239,7 +239,7 @@ def test_cli_writes_model_plan_and_json(tiny, tmp_path, capsys):
 def test_cli_method_lists_narrow_the_scored_candidates(tiny, tmp_path, capsys):
     """--weight-methods / --activation-methods: only those candidates are scored (so chosen), in
     both granularities; unknown names and --plan together with them are refused, nothing written."""
-    from laqonnx.objective import CandidateSpace
+    from laqonnx.quant.metric import CandidateSpace
 
     model, out, _ = tiny
     np.savez(tmp_path / "calib.npz", x=models.random_input((1, 8, 8), n=16))
@@ -271,7 +271,7 @@ def test_cli_method_lists_narrow_the_scored_candidates(tiny, tmp_path, capsys):
 
 
 def test_adversarial_calibration_merges_histograms(tmp_path):
-    from laqonnx.objective import CandidateSpace
+    from laqonnx.quant.metric import CandidateSpace
 
     path = tmp_path / "m.onnx"
     onnx.save(models.cnn(), str(path))
@@ -295,7 +295,7 @@ def test_generated_adversarial_calibration(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(models.cnn(), str(path))
     np.savez(tmp_path / "clean.npz", x=np.full((8, 1, 8, 8), 0.5, dtype=np.float32))
-    space = laqonnx.pipeline.CandidateSpace(activation_methods=("minmax",))
+    space = laqonnx.quant.metric.CandidateSpace(activation_methods=("minmax",))
     res = laqonnx.quantize(path, tmp_path / "a.onnx", str(tmp_path / "clean.npz"), adversarial_calib=True, eps=0.1, candidates=space, progress=False)
     r = res.plan.range_map()["input"]
     # PGD moved the constant 0.5 images within the eps ball: the range now spans [0.4, 0.6] (up to rounding)

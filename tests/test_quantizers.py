@@ -1,4 +1,4 @@
-"""laqonnx.quantizers against onnxruntime's QuantizeLinear/DequantizeLinear and its quantizer's own maths."""
+"""laqonnx.quant.numerics against onnxruntime's QuantizeLinear/DequantizeLinear and its quantizer's own maths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import quant_utils
 
-from laqonnx.quantizers import (
+from laqonnx.quant.numerics import (
     ActivationQuant,
     PerChannel,
     PerTensor,
@@ -189,7 +189,7 @@ def test_mse_clip_never_worse_than_maxabs(bits: int, granularity) -> None:
         assert e_mse < (0.9 if isinstance(granularity, PerTensor) else 0.97) * e_max
     # brute force over the same grid, per tensor: the search returns the best clip
     if isinstance(granularity, PerTensor):
-        from laqonnx.quantizers import MSE_CLIP_RATIOS
+        from laqonnx.quant.numerics import MSE_CLIP_RATIOS
 
         a = np.abs(w).max()
         qm = 2 ** (bits - 1) - 1
@@ -268,7 +268,7 @@ def test_weights_match_onnxruntime_quantizer_with_our_scales(bits: int, method: 
 def test_mse_clip_per_channel_matches_the_full_grid(shape) -> None:
     """8-bit per channel: the coarse-to-fine search finds, per channel, the brute-force optimum of
     the whole MSE_CLIP_RATIOS grid (fake_quant errors, ties to the larger clip)."""
-    from laqonnx.quantizers import MSE_CLIP_RATIOS
+    from laqonnx.quant.numerics import MSE_CLIP_RATIOS
 
     w = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     qp = weight_qparams(w, WeightQuant(granularity=PerChannel(0), method="mse"))
@@ -292,7 +292,7 @@ def test_mse_errors_equal_the_float64_sum_of_fake_quant_errors(bits: int) -> Non
     an all-zero channel): on the ratios >= 0.5 the float32 difference is exact and the sums agree to
     1e-12 (summation order); below, entries clipped by more than 2x round in float32, within
     2^-24 of each difference."""
-    from laqonnx.quantizers import MSE_CLIP_RATIOS, QParams, _mse_errors, fake_quant
+    from laqonnx.quant.numerics import MSE_CLIP_RATIOS, QParams, _mse_errors, fake_quant
 
     r = np.random.default_rng(bits)
     w2 = r.standard_t(2, (5, 301)).astype(np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from laqonnx.errors import PlanError
-from laqonnx.select import Group, Option, select
+from laqonnx.quant.select import Group, Option, select
 
 
 def _random_groups(rng: np.random.Generator, n_groups: int, max_options: int) -> list[Group]:

@@ -92,14 +92,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .._util.io import atomic_write_json, check_output_path
-    from ..pipeline import quantize
+    from ..quant.workflow import quantize
     from ..report import format_table
 
     if args.json:
         check_output_path(args.json, args.model, args.plan)
     candidates = None
     if args.weight_methods or args.activation_methods:
-        from ..objective import CandidateSpace  # with --plan, quantize() refuses them
+        from ..quant.metric import CandidateSpace  # with --plan, quantize() refuses them
 
         default = CandidateSpace()
         candidates = CandidateSpace(weight_methods=args.weight_methods or default.weight_methods,

@@ -85,7 +85,7 @@ class Analysis:
 
 
 def _weight_errors(w, axis: int) -> WeightErrors:
-    from ..quantizers import PerChannel, PerTensor, WeightQuant, relative_weight_error
+    from ..quant.numerics import PerChannel, PerTensor, WeightQuant, relative_weight_error
 
     def err(bits: int, gran) -> float:
         return relative_weight_error(w, WeightQuant(bits=bits, granularity=gran, method="maxabs"))

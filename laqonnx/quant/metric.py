@@ -1,4 +1,4 @@
-"""Objective: the per-layer adversarial-aware metric of every candidate setting (DESIGN.md §1).
+"""The per-layer adversarial-aware metric of every candidate setting.
 
 For layer ``l`` and candidate ``s`` = (weight setting, input-activation setting)::
 
@@ -9,7 +9,7 @@ For layer ``l`` and candidate ``s`` = (weight setting, input-activation setting)
 layer's output to the network output, and ``D_l = dLambda/dL_l`` the derivative of the
 whole-network bound with respect to the layer's norm (a central difference of
 :func:`laqonnx.lipschitz.network_bounds`). On a chain ``D_l = Lambda / L_l``, so the first term is
-DESIGN.md's ``eps * Lambda * (Lhat/L - 1)``; on residual graphs (Lambda multilinear in the norms,
+``eps * Lambda * (Lhat/L - 1)``; on residual graphs (Lambda multilinear in the norms,
 ``D_l = G_l * U_l`` with ``U_l`` the bound up to the layer input) and through Concat
 (``sqrt(sum L^2)``, where ``G_l * U_l`` would overstate it) the derivative is the correct first-order
 coefficient, which is what makes the per-layer argmin minimise the linearised whole bound.
@@ -24,32 +24,26 @@ Objectives: ``laq`` (both terms), ``mse`` (quantization term only), ``lipschitz`
 only); ties go to the cheaper, then the earlier candidate. If the network bound is unknown (an op without a bound
 rule) the missing ``G_l`` are taken as 1 and ``D_l`` as ``prod(L) / L_l``, with a warning.
 
-Cost: ``ObjectiveConfig.norm_max_spatial`` (default 32) caps the spatial size at which conv
-operator norms are computed (all of them, float and quantized, so ratios and differences are
-consistent); the zero-padded conv norm grows slowly with the size towards its periodic limit, so a
-cap underestimates ``L_l`` a little (ResNet-18 at 224x224, random weights: Lambda 1905 / 2488 /
-2649 at caps 8 / 16 / 32; the chosen settings agreed with cap 32 on 16/21 and 20/21 layers).
-Measured on the loaded shared 2-core machine after pinning to one thread, scoring that model took
-78 / 68 / 78 s at caps 8 / 16 / 32: the cap no longer dominates; the MSE weight-clip search
-(``quantizers``), the activation-range searches (``calibrate``) and Lanczos on the 256/512-channel
-convs do. Quantized-weight norms are warm-started from the float top singular vector, and settings
-that quantize to identical weights share their norms.
+How the norms are computed:
 
-Speed (issue 3): the error norms ``||T_l[W_l - Q_s(W_l)]||`` are Lanczos lower bounds converged
-to a looser relative tolerance, ``ObjectiveConfig.error_tol`` (default ``10 * tol`` = 1e-2), and
-are warm-started from the previous setting's error vector of the same layer; they separate
-candidates by far more than 1 % (per-tensor vs per-channel, clipped vs max-abs), and they only
-enter the quantization term. ``L_l`` keeps ``tol``. ``Lhat_l`` is exact on small layers
-(explicit SVD, weight matrices); on Lanczos layers a small perturbation (``||T[W - Q(W)]|| <=
-first_order_max * L``, every int8 setting in practice) is measured on the float top vector with one
-application of the map (:func:`_quantized_norm`): the int8 change of the norm (~1e-4 L) is smaller
-than the error of a Lanczos run converged to ``tol`` 1e-3 (measured up to 2.6e-4 L against
-converged Lanczos on ResNet-18; the one-step value stayed within 4e-5 L), so the old Lanczos value
-decided int8 ties by solver noise, at 8 steps per setting.
-With these, the vectorised MSE clip search, the cached activation-range searches and BLAS pinned
-once per stage, scoring that model takes 6.2-6.4 s (benchmarks/quantize_time.py --runs 5, load
-1.2-1.5 on 2 cores, the benchmark included; 69 s before this work), with the same chosen settings on all 21 layers; about half of it
-is the error norms (the benchmark's scoring floor, every error norm free: 3.0 s).
+- ``ObjectiveConfig.norm_max_spatial`` (default 32) caps the spatial size at which conv operator
+  norms are computed (all of them, float and quantized, so ratios and differences are
+  consistent); the zero-padded conv norm grows slowly with the size towards its periodic limit,
+  so a cap underestimates ``L_l`` a little.
+- The error norms ``||T_l[W_l - Q_s(W_l)]||`` are Lanczos lower bounds converged to a looser
+  relative tolerance, ``ObjectiveConfig.error_tol`` (default ``10 * tol``), warm-started from the
+  previous setting's error vector of the same layer; they only enter the quantization term.
+  ``L_l`` keeps ``tol``.
+- ``Lhat_l`` is exact on small layers (explicit SVD, weight matrices). On Lanczos layers a small
+  perturbation (``||T[W - Q(W)]|| <= first_order_max * L``, every int8 setting in practice) is
+  measured on the float top singular vector with one application of the map
+  (:func:`_quantized_norm`); larger perturbations (int4) run Lanczos warm-started from it.
+- Settings that quantize to identical weights share their norms (:func:`_effective_qparams`).
+
+The measurements behind these choices are in benchmarks/README.md ("History of the scoring cost").
+
+:class:`Candidate` (one setting of a layer) and :class:`Score` (its metric terms) are what the plan
+(:mod:`laqonnx.quant.plan`) records.
 """
 
 from __future__ import annotations
@@ -61,14 +55,59 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._util.threads import compute_threads
-from .graph import Layer, PreparedModel
-from .plan import Candidate, Score
-from .quantizers import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant, quantize_weight
+from .._util.threads import compute_threads
+from ..graph import Layer, PreparedModel
+from .numerics import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant, quantize_weight
 
-__all__ = ["OBJECTIVES", "ObjectiveConfig", "CandidateSpace", "LayerTerms", "Scored", "score_layers", "eps_l2"]
+__all__ = ["OBJECTIVES", "Candidate", "Score", "ObjectiveConfig", "CandidateSpace", "LayerTerms", "Scored", "score_layers",
+           "eps_l2"]
 
 OBJECTIVES = ("laq", "mse", "lipschitz")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting for a layer: its weight quantization (None: left in float) and input activation."""
+
+    weight: WeightQuant | None
+    activation: ActivationQuant
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and not isinstance(self.weight, WeightQuant):
+            raise ValueError(f"weight must be a WeightQuant or None, got {self.weight!r}")
+        if not isinstance(self.activation, ActivationQuant):
+            raise ValueError(f"activation must be an ActivationQuant, got {self.activation!r}")
+
+    @property
+    def weight_bits(self) -> int:
+        return 32 if self.weight is None else self.weight.bits
+
+    def describe(self) -> tuple[str, str]:
+        """(weight, activation) as short text: 'int8 per-channel mse', 'uint8 minmax'."""
+        if self.weight is None:
+            w = "float"
+        else:
+            gran = "per-channel" if isinstance(self.weight.granularity, PerChannel) else "per-tensor"
+            method = self.weight.method + (f"({self.weight.percentile:g})" if self.weight.method == "percentile" else "")
+            w = f"int{self.weight.bits} {gran} {method}"
+        a = self.activation
+        kind = ("int" if a.symmetric else "uint") + str(a.bits)
+        method = a.method + (f"({a.percentile:g})" if a.method == "percentile" else "")
+        return w, f"{kind} {method}"
+
+
+@dataclass(frozen=True)
+class Score:
+    """A candidate's metric terms for one layer (the module docstring gives the formulas)."""
+
+    candidate: Candidate
+    lhat: float  # operator norm with quantized weights
+    weight_error_norm: float  # ||T[W - Q(W)]||_2
+    activation_error: float  # e_l: expected per-example L2 norm of a - Q(a) of the layer input
+    adversarial: float  # eps_l2 * dLambda/dL_l * (Lhat - L)
+    quantization: float  # G_l * (||T[W - Q(W)]|| * ||a|| + Lhat * e)
+    metric: float  # what the objective minimises
+    cost_bits: int  # weight bits x parameters
 
 
 @dataclass(frozen=True)
@@ -229,7 +268,7 @@ def _quantized_norm(layer: Layer, base, float_gain: float | None, wq: np.ndarray
     ``Lhat - L`` flipped on most int8 settings against converged Lanczos; the one-step value
     stayed within 4e-5 * L of it). Larger perturbations (int4) run Lanczos from ``v``.
     """
-    from .lipschitz import image_norm, operator_norm
+    from ..lipschitz import image_norm, operator_norm
 
     if float_gain is not None and error_norm <= first_order_max * base.value:
         return base.value + image_norm(layer, wq, base.vector) - float_gain
@@ -258,7 +297,7 @@ def score_layers(
     progress: bool = True,
 ) -> Scored:
     """Score every candidate of every layer. ``stats``: calibration stats per tensor
-    (:func:`laqonnx.calibrate.collect`), covering every layer input. ``weight_bits`` restricts the
+    (:func:`laqonnx.quant.collect.collect`), covering every layer input. ``weight_bits`` restricts the
     weight candidates (e.g. ``(8,)`` without a budget; 32 means float when allowed)."""
     with compute_threads():
         return _score_layers(pm, stats, config, space, weight_bits, progress)
@@ -267,8 +306,8 @@ def score_layers(
 def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
     from tqdm.auto import tqdm
 
-    from .calibrate import activation_error, activation_norm, activation_range
-    from .lipschitz import image_norm, network_bounds, operator_norm
+    from ..lipschitz import image_norm, network_bounds, operator_norm
+    from .ranges import activation_error, activation_norm, activation_range
 
     opts = dict(tol=config.tol, max_iter=config.max_iter, seed=config.seed)
     err_opts = {**opts, "tol": config.error_norm_tol}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PlanError
+from ..errors import PlanError
 
 __all__ = ["Option", "Group", "Selection", "select"]
 

@@ -9,7 +9,6 @@ Outputs are written atomically after everything succeeded; the input model is ne
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -20,17 +19,17 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ._util.io import atomic_write_json, check_output_path, save_model
-from ._util.threads import compute_threads
-from .errors import DataError, PlanError
-from .graph import PreparedModel, load_model
+from .._util.io import atomic_write_json, check_output_path, save_model
+from .._util.threads import compute_threads
+from ..errors import DataError, PlanError
+from ..graph import PreparedModel, load_model
+from .costs import choose
 from .lower import BASELINES, LoweringSpec, lower, ort_baseline, quantized_tensors
-from .objective import CandidateSpace, ObjectiveConfig, Scored, score_layers
+from .metric import CandidateSpace, ObjectiveConfig, score_layers
+from .numerics import PerChannel, PerTensor, weight_qparams
 from .plan import LayerPlan, Plan, TensorRange
-from .quantizers import PerChannel, PerTensor, weight_qparams
-from .select import Group, Option, select
 
-__all__ = ["quantize", "QuantizeResult", "choose", "plan_path_for", "INT4_NOTE"]
+__all__ = ["quantize", "QuantizeResult", "plan_path_for", "INT4_NOTE"]
 
 INT4_NOTE = (
     "int4 weights are not fused into onnxruntime's int8 CPU kernels: int4 layers run ~4x slower than int8"
@@ -93,7 +92,7 @@ def _model_bytes(model: str | os.PathLike[str] | onnx.ModelProto) -> bytes:
 
 def _calibration_batches(pm: PreparedModel, calib: Any, limit: int | None, adversarial: Any, eps: float, norm: str):
     """(batch iterator factory, example count, stats label)."""
-    from .data import open_data
+    from ..data import open_data
 
     if adversarial is True and norm != "inf":
         raise DataError("generated adversarial calibration is L-inf PGD: with --norm 2 pass --adversarial-calib PATH.npz")
@@ -112,10 +111,10 @@ def _calibration_batches(pm: PreparedModel, calib: Any, limit: int | None, adver
             yield x
             if adversarial is True:
                 if mirror is None:
-                    from .errors import require
+                    from ..errors import require
 
                     require("torch", "robustness")
-                    from .robustness.mirror import build_mirror
+                    from ..robustness.mirror import build_mirror
 
                     mirror = build_mirror(pm.model)
                 yield _pgd_batch(mirror, x, eps)
@@ -129,10 +128,10 @@ def _calibration_batches(pm: PreparedModel, calib: Any, limit: int | None, adver
 
 def _pgd_batch(mirror: Any, x: np.ndarray, eps: float) -> np.ndarray:
     """PGD-Linf (10 steps, seeded) on the float model's torch mirror, against its own predictions."""
-    from .errors import require
+    from ..errors import require
 
     torch = require("torch", "robustness")
-    from .zoo.pgd import pgd
+    from ..zoo.pgd import pgd
 
     xt = torch.from_numpy(x)
     with torch.no_grad(), compute_threads(1):
@@ -142,103 +141,11 @@ def _pgd_batch(mirror: Any, x: np.ndarray, eps: float) -> np.ndarray:
         return pgd(mirror, xt, y, eps, steps=10, generator=gen).numpy().astype(np.float32)
 
 
-# ------------------------------------------------------------------------------ selection
-
-
-def _pareto(options: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
-    out: list[tuple[int, float, int]] = []
-    for cost, value, idx in sorted(options, key=lambda t: (t[0], t[1], t[2])):
-        if not out or value < out[-1][1]:
-            out.append((cost, value, idx))
-    return out
-
-
-def _byte_cost(params: int, bits: int, scales: int) -> int:
-    if bits == 32:
-        return 4 * params
-    return math.ceil(params * bits / 8) + scales * 5  # + float32 scale and int8 zero point each
-
-
-def _groups(scored: Scored, cost_of) -> tuple[list[Group], list[list[str]]]:
-    """One group per input tensor (its layers share one activation QDQ); options = (activation,
-    per-layer weight choice), each layer's weight choices Pareto-pruned per activation (exact)."""
-    by_input: dict[str, list[int]] = {}
-    for i, lt in enumerate(scored.layers):
-        by_input.setdefault(lt.layer.input, []).append(i)
-    groups, members = [], []
-    for tensor, idxs in by_input.items():
-        acts = list(dict.fromkeys(s.candidate.activation for s in scored.layers[idxs[0]].scores))
-        options = []
-        for a in acts:
-            fronts = []
-            for i in idxs:
-                lt = scored.layers[i]
-                fronts.append(_pareto([(cost_of(lt, s), s.metric, k) for k, s in enumerate(lt.scores) if s.candidate.activation == a]))
-            combos = [(0, 0.0, ())]
-            for front in fronts:
-                combos = [(c + fc, v + fv, key + (k,)) for c, v, key in combos for fc, fv, k in front]
-            options += [Option(c, v, key) for c, v, key in combos]
-        groups.append(Group(tensor, tuple(options)))
-        members.append([scored.layers[i].layer.name for i in idxs])
-    return groups, members
-
-
-def choose(scored: Scored, pm: PreparedModel, avg_weight_bits: float | None, max_bytes: int | None) -> dict[str, int]:
-    """layer name -> index of the chosen score."""
-    if avg_weight_bits is not None:
-        total = sum(int(np.prod(lt.layer.weight_shape)) for lt in scored.layers)
-        budget, unit = int(math.floor(avg_weight_bits * total)), "weight bits"
-
-        def cost_of(lt, s):
-            return s.cost_bits
-    elif max_bytes is not None:
-        layer_w = {lt.layer.weight for lt in scored.layers}
-        fixed = sum(
-            int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            for t in pm.model.graph.initializer
-            if t.name not in layer_w
-        )
-        budget, unit = int(max_bytes) - fixed, "bytes of weights"
-
-        def cost_of(lt, s):
-            w = s.candidate.weight
-            params = int(np.prod(lt.layer.weight_shape))
-            scales = lt.layer.weight_shape[lt.layer.channel_axis] if w is not None and isinstance(w.granularity, PerChannel) else 1
-            return _byte_cost(params, s.candidate.weight_bits, scales)
-    else:
-        budget, unit = None, ""
-
-        def cost_of(lt, s):
-            return s.cost_bits
-    groups, members = _groups(scored, cost_of)
-    if budget is not None and budget < 0:
-        raise PlanError(f"--max-bytes {max_bytes} is below the size of the model's other constants ({max_bytes - budget} bytes)")
-    try:
-        sel = select(groups, budget, unit=unit)
-    except PlanError as exc:
-        if avg_weight_bits is not None:
-            total = sum(int(np.prod(lt.layer.weight_shape)) for lt in scored.layers)
-            floor = sum(min(o.cost for o in g.options) for g in groups)
-            raise PlanError(
-                f"--avg-weight-bits {avg_weight_bits:g} is infeasible: the minimum achievable with these candidates "
-                f"is {floor / total:.4g} bits"
-            ) from exc
-        if max_bytes is not None:
-            floor = sum(min(o.cost for o in g.options) for g in groups) + (max_bytes - budget)
-            raise PlanError(f"--max-bytes {max_bytes} is infeasible: the minimum achievable is about {floor} bytes") from exc
-        raise
-    chosen: dict[str, int] = {}
-    for g, names, pick in zip(groups, members, sel.choice):
-        for name, k in zip(names, g.options[pick].key):
-            chosen[name] = k
-    return chosen
-
-
 # ------------------------------------------------------------------------------ the pipeline
 
 
 def _ranges(pm: PreparedModel, stats: Mapping[str, Any], layers: tuple[LayerPlan, ...], default, tensors) -> tuple[TensorRange, ...]:
-    from .calibrate import activation_range
+    from .ranges import activation_range
 
     spec = {lp.input: lp.chosen.activation for lp in layers}
     out = []
@@ -297,7 +204,7 @@ def quantize(
     candidates: CandidateSpace | None = None,
     norm_max_spatial: int | None = 32,
 ) -> QuantizeResult:
-    """Quantize ``model`` to a QDQ int8 model at ``output`` (see :mod:`laqonnx.objective` for the
+    """Quantize ``model`` to a QDQ int8 model at ``output`` (see :mod:`laqonnx.quant.metric` for the
     metric). ``calib``: a data spec (``"digits"``, ``.npz``, image folder, CIFAR batches).
     ``adversarial_calib``: ``True`` for PGD examples on the float model at ``eps``, or a data spec of
     adversarial examples. ``per_channel``: ``None`` scores both granularities, ``True``/``False``
@@ -347,7 +254,7 @@ def quantize(
     known_qparams: dict[str, Any] = {}
     if calib is not None:
         t = time.perf_counter()
-        from .calibrate import collect
+        from .collect import collect
 
         batches, total, label = _calibration_batches(pm, calib, calib_limit, adversarial_calib, config.eps, config.norm)
         # tensors that are no layer's input only ever get the default range: no histogram needed then
@@ -455,7 +362,7 @@ def quantize(
 
 
 def _clean_only(pm: PreparedModel, calib: Any, limit: int | None) -> Iterator[np.ndarray]:
-    from .data import open_data
+    from ..data import open_data
 
     source = open_data(calib, input_shape=pm.input_shape, split="train", limit=limit)
     for x, _ in source.batches(_BATCH):

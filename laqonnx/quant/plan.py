@@ -39,14 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PlanError
-from .quantizers import ActivationQuant, PerChannel, PerTensor, WeightQuant
+from ..errors import PlanError
+from .metric import Candidate, Score
+from .numerics import ActivationQuant, PerChannel, PerTensor, WeightQuant
 
 __all__ = [
     "PLAN_FORMAT",
     "PLAN_VERSION",
-    "Candidate",
-    "Score",
     "LayerPlan",
     "TensorRange",
     "Plan",
@@ -58,51 +57,6 @@ __all__ = [
 
 PLAN_FORMAT = "laqonnx.plan"
 PLAN_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One setting for a layer: its weight quantization (None: left in float) and input activation."""
-
-    weight: WeightQuant | None
-    activation: ActivationQuant
-
-    def __post_init__(self) -> None:
-        if self.weight is not None and not isinstance(self.weight, WeightQuant):
-            raise ValueError(f"weight must be a WeightQuant or None, got {self.weight!r}")
-        if not isinstance(self.activation, ActivationQuant):
-            raise ValueError(f"activation must be an ActivationQuant, got {self.activation!r}")
-
-    @property
-    def weight_bits(self) -> int:
-        return 32 if self.weight is None else self.weight.bits
-
-    def describe(self) -> tuple[str, str]:
-        """(weight, activation) as short text: 'int8 per-channel mse', 'uint8 minmax'."""
-        if self.weight is None:
-            w = "float"
-        else:
-            gran = "per-channel" if isinstance(self.weight.granularity, PerChannel) else "per-tensor"
-            method = self.weight.method + (f"({self.weight.percentile:g})" if self.weight.method == "percentile" else "")
-            w = f"int{self.weight.bits} {gran} {method}"
-        a = self.activation
-        kind = ("int" if a.symmetric else "uint") + str(a.bits)
-        method = a.method + (f"({a.percentile:g})" if a.method == "percentile" else "")
-        return w, f"{kind} {method}"
-
-
-@dataclass(frozen=True)
-class Score:
-    """A candidate's metric terms for one layer (see :mod:`laqonnx.objective`)."""
-
-    candidate: Candidate
-    lhat: float  # operator norm with quantized weights
-    weight_error_norm: float  # ||T[W - Q(W)]||_2
-    activation_error: float  # e_l: expected per-example L2 norm of a - Q(a) of the layer input
-    adversarial: float  # eps_l2 * dLambda/dL_l * (Lhat - L)
-    quantization: float  # G_l * (||T[W - Q(W)]|| * ||a|| + Lhat * e)
-    metric: float  # what the objective minimises
-    cost_bits: int  # weight bits x parameters
 
 
 @dataclass(frozen=True)
@@ -259,7 +213,7 @@ class Plan:
             raise PlanError(f"invalid plan: {type(exc).__name__}: {exc}") from exc
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from ._util.io import atomic_write_json
+        from .._util.io import atomic_write_json
 
         return atomic_write_json(path, self.to_json())
 

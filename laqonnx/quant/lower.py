@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import ModelError
-from .quantizers import ActivationQuant, QParams
+from ..errors import ModelError
+from .numerics import ActivationQuant, QParams
 
 __all__ = [
     "ORT_QUANTIZED_OPS",
