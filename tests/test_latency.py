@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from laqonnx import latency
+from laqonnx.latency import cpu as latency_cpu
+from laqonnx.latency import measure as latency_measure
 from laqonnx.errors import ModelError
 from laqonnx.latency import (
     CpuInfo,
@@ -82,8 +83,8 @@ def test_cpu_info_without_proc_cpuinfo(monkeypatch):
         def read_text(self, *a, **k):
             raise FileNotFoundError("/proc/cpuinfo")
 
-    monkeypatch.setattr(latency, "Path", NoFile)
-    info = latency.cpu_info.__wrapped__()  # bypass the cache
+    monkeypatch.setattr(latency_cpu, "Path", NoFile)
+    info = latency_cpu.cpu_info.__wrapped__()  # bypass the cache
     assert info.flags == frozenset() and not (info.vnni or info.amx or info.avx512)
     assert info.model_name and info.logical_cores >= 1
     assert "not read" in info.note and info.int8_warning().startswith("int8 speed unknown")
@@ -176,8 +177,8 @@ class _Fake:
 def fakes(monkeypatch):
     log, clock = [], [0]
     costs = {"a": 2.0, "b": 5.0, "c": 1.0}
-    monkeypatch.setattr(latency, "_open", lambda name, model, opts: _Fake(name, costs[name], log, clock))
-    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter_ns=lambda: clock[0]))
+    monkeypatch.setattr(latency_measure, "_open", lambda name, model, opts: _Fake(name, costs[name], log, clock))
+    monkeypatch.setattr(latency_measure, "time", types.SimpleNamespace(perf_counter_ns=lambda: clock[0]))
     return log
 
 
