@@ -271,7 +271,7 @@ def test_fuzzed_jpegs_give_session_errors_never_process_deaths(tmp_path):
 
 def _unguarded(monkeypatch) -> onnx.ModelProto:
     """The deployed model with the JPEG segment walk replaced by 'accept, 3 components' (the previous guard)."""
-    from laqonnx import _deploy_steps
+    from laqonnx.deployment import _jpeg as _deploy_steps
 
     def accept(xi: str, out: str, components: str) -> list:
         return [helper.make_node("Constant", [], [out], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])),

@@ -1,50 +1,40 @@
-"""Custom steps for onnxruntime-extensions' pre/post-processing toolkit, used by :mod:`laqonnx.deployment`.
+"""The JPEG/PNG guard of a deployed model: :class:`RequireEncodedImage`, a toolkit step that refuses
+bytes that are neither a PNG nor a well-formed JPEG *before* ``DecodeImage`` sees them.
 
-Each class is a ``Step`` of ``onnxruntime_extensions.tools.pre_post_processing``: it returns a small
-standard-ONNX graph that the toolkit's ``PrePostProcessor`` prefixes and merges like its own steps.
-They fill gaps in the toolkit (version 0.15):
+The extensions' JPEG path calls libjpeg's default error handler, which terminates the whole
+process (``exit``) on any fatal libjpeg error instead of returning one. For a JPEG (``FF D8 FF`` ...
+``FF D9``) an ONNX ``Loop`` walks every marker segment, the header ones and, after each SOS, the
+first marker past the entropy-coded data (``FF`` not followed by ``00``, ``FF`` or RST0-7), and
+requires what libjpeg would otherwise abort on:
+* each segment starts ``FF``, has a 2-byte big-endian length >= 2 inside the buffer; markers:
+  APP0-15, COM, DQT, DHT, DRI (length 4), one SOF0/1/2 before the first SOS, SOS; after a scan
+  only DHT/DQT/DRI/APP/COM/SOS in progressive files; ``FF D9`` exactly at the end (anything else,
+  e.g. SOF3/5-15, arithmetic coding, a second SOI, RST or EOI in the headers, is refused);
+* SOF: precision 8, 3 components (1-component JPEGs are refused with their own message: the
+  decoder garbles them, and a large progressive one faulted), height and width 1..65500, sampling
+  factors 1..4 dividing the maxima, <= 10 blocks per MCU, distinct component ids, table ids <= 3;
+* DHT: each table class <= 1, id <= 3, <= 256 codes, a prefix code (Kraft sum < 1, as libjpeg's
+  ``jpeg_make_d_derived_tbl`` checks), DC symbols <= 15, the tables filling the segment exactly;
+  DQT: each table 8- or 16-bit, id <= 3, filling the segment exactly;
+* SOS: after the SOF, 1..components entries, each a distinct SOF component whose quantization table
+  is defined and whose used Huffman tables are defined or 0/1 (libjpeg substitutes standard ones);
+  baseline: a single scan of all components; progressive: spectral/approximation parameters
+  libjpeg's ``jdphuff`` accepts (DC band Se = 0; AC band one component, Ss <= Se < 64; Al = Ah - 1
+  when refining; Al <= 13).
 
-- :class:`RequireEncodedImage` refuses bytes that are neither a PNG nor a well-formed JPEG *before*
-  ``DecodeImage`` sees them: the extensions' JPEG path calls libjpeg's default error handler, which
-  terminates the whole process (``exit``) on any fatal libjpeg error instead of returning one.
-  For a JPEG (``FF D8 FF`` ... ``FF D9``) an ONNX ``Loop`` walks every marker segment, the header
-  ones and, after each SOS, the first marker past the entropy-coded data (``FF`` not followed by
-  ``00``, ``FF`` or RST0-7), and requires what libjpeg would otherwise abort on:
+Entropy-coded bytes are not checked beyond the markers among them: libjpeg only warns about corrupt
+coefficients (the image decodes with garbage). The walk is stricter than libjpeg in places (unused bad Huffman tables, fill bytes
+before markers, non-interleaved baseline scans, quantization tables first defined after the
+first scan are refused).
 
-  * each segment starts ``FF``, has a 2-byte big-endian length >= 2 inside the buffer; markers:
-    APP0-15, COM, DQT, DHT, DRI (length 4), one SOF0/1/2 before the first SOS, SOS; after a scan
-    only DHT/DQT/DRI/APP/COM/SOS in progressive files; ``FF D9`` exactly at the end (anything else,
-    e.g. SOF3/5-15, arithmetic coding, a second SOI, RST or EOI in the headers, is refused);
-  * SOF: precision 8, 3 components (1-component JPEGs are refused with their own message: the
-    decoder garbles them, and a large progressive one faulted), height and width 1..65500, sampling
-    factors 1..4 dividing the maxima, <= 10 blocks per MCU, distinct component ids, table ids <= 3;
-  * DHT: each table class <= 1, id <= 3, <= 256 codes, a prefix code (Kraft sum < 1, as libjpeg's
-    ``jpeg_make_d_derived_tbl`` checks), DC symbols <= 15, the tables filling the segment exactly;
-    DQT: each table 8- or 16-bit, id <= 3, filling the segment exactly;
-  * SOS: after the SOF, 1..components entries, each a distinct SOF component whose quantization table
-    is defined and whose used Huffman tables are defined or 0/1 (libjpeg substitutes standard ones);
-    baseline: a single scan of all components; progressive: spectral/approximation parameters
-    libjpeg's ``jdphuff`` accepts (DC band Se = 0; AC band one component, Ss <= Se < 64; Al = Ah - 1
-    when refining; Al <= 13).
-
-  Entropy-coded bytes are not checked beyond the markers among them: libjpeg only warns about corrupt
-  coefficients (the image decodes with garbage). The walk is stricter than libjpeg in places (unused bad Huffman tables, fill bytes
-  before markers, non-interleaved baseline scans, quantization tables first defined after the
-  first scan are refused).
-- :class:`RequireThreeChannels` refuses images the decoder returns with other than 3 channels.
-- :class:`BGRToGray` is PIL's ``convert("L")`` exactly: ``(19595 R + 38470 G + 7471 B + 32768) >> 16``.
-- :class:`NormalizeChannels` is ``(x - mean) / std`` for any channel count (the toolkit's ``Normalize``
-  handles exactly 3).
-- :class:`TopKClasses` emits the top-1 index, the top-k scores and indices, and optionally labels.
-
-A refusal is a ``Reshape`` that fails at run time, named so that onnxruntime's error message says why.
-What remains possible: a fatal libjpeg error this walk does not foresee still ends the process (fuzzing
-with ``tests/jpeg_fuzz.py``, 15,600 corrupted variants, found none); very large declared dimensions
-(up to 65500 x 65500) are not refused, so a small file can make the decoder allocate gigabytes.
-The walk costs a few passes over the bytes plus one small step per segment: about 3-8 ms per MB of
-JPEG on one thread here (decode alone: 26-50 ms per MB), noisy shared machine.
-This module imports onnxruntime-extensions at import time: import it only after
-``laqonnx.errors.require("onnxruntime_extensions", "deploy")``.
+A refusal is a ``Reshape`` that fails at run time, named so that onnxruntime's error message says why
+(:func:`laqonnx.deployment._steps._refuse_unless`). What remains possible: a fatal libjpeg error
+this walk does not foresee still ends the process (fuzzing with ``tests/jpeg_fuzz.py``, 15,600
+corrupted variants, found none); very large declared dimensions (up to 65500 x 65500) are not
+refused, so a small file can make the decoder allocate gigabytes. The walk costs a few passes over
+the bytes plus one small step per segment: about 3-8 ms per MB of JPEG on one thread here (decode
+alone: 26-50 ms per MB), noisy shared machine. This module imports onnxruntime-extensions at
+import time: import it only after ``laqonnx.errors.require("onnxruntime_extensions", "deploy")``.
 """
 
 from __future__ import annotations
@@ -53,57 +43,15 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-from onnxruntime_extensions.tools.pre_post_processing import Step
+from onnx import TensorProto, helper
 
-__all__ = ["RequireEncodedImage", "RequireThreeChannels", "BGRToGray", "NormalizeChannels", "TopKClasses"]
+from ._steps import _const, _GraphStep, _refuse_unless
+
+__all__ = ["RequireEncodedImage"]
 
 PNG_SIGNATURE = (0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A)
 JPEG_START = (0xFF, 0xD8, 0xFF)
 JPEG_END = (0xFF, 0xD9)
-
-
-def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name + "_value"))
-
-
-def _dims(tensor_type: onnx.TypeProto.Tensor) -> list[int | str | None]:
-    out: list[int | str | None] = []
-    for d in tensor_type.shape.dim:
-        out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-    return out
-
-
-class _GraphStep(Step):
-    """A step whose graph is built with ``onnx.helper`` (node names allowed, unlike the text parser)."""
-
-    def _io(self, graph: onnx.GraphProto, index: int = 0) -> tuple[int, list[int | str | None]]:
-        t = self._input_tensor_type(graph, index)
-        return t.elem_type, _dims(t)
-
-    def _graph(
-        self, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]
-    ) -> onnx.GraphProto:
-        return helper.make_graph(nodes, self.name, inputs, outputs)
-
-
-def _refuse_unless(ok_int64: str, data: str, rank: int, out: str, reason: str) -> list[onnx.NodeProto]:
-    """Nodes making ``out`` = ``data`` when the int64 scalar ``ok_int64`` is 1, a run-time error when 0.
-
-    When refused, the shape fed to ``Reshape`` gets one more element on its last axis, which can never
-    match the element count; onnxruntime then raises, naming the ``Reshape`` node, whose name is ``reason``.
-    """
-    last = np.zeros(rank, np.int64)
-    last[-1] = 1
-    return [
-        _const(f"{out}_one", np.array(1, np.int64)),
-        _const(f"{out}_last_axis", last),
-        helper.make_node("Sub", [f"{out}_one", ok_int64], [f"{out}_bad"]),
-        helper.make_node("Mul", [f"{out}_last_axis", f"{out}_bad"], [f"{out}_delta"]),
-        helper.make_node("Shape", [data], [f"{out}_shape"]),
-        helper.make_node("Add", [f"{out}_shape", f"{out}_delta"], [f"{out}_target"]),
-        helper.make_node("Reshape", [data, f"{out}_target"], [out], name=reason),
-    ]
 
 
 class _Ops:
@@ -406,119 +354,3 @@ class RequireEncodedImage(_GraphStep):
         ]
         t = [helper.make_tensor_value_info(n, TensorProto.UINT8, dims) for n in (x, y)]
         return self._graph(nodes, [t[0]], [t[1]])
-
-
-class RequireThreeChannels(_GraphStep):
-    """Pass a decoded ``(H, W, C)`` image through if ``C == 3``, else fail at run time."""
-
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(["bgr"], ["checked_bgr"], name)
-
-    def _create_graph_for_step(self, graph: onnx.GraphProto, onnx_opset: int) -> onnx.GraphProto:
-        elem, dims = self._io(graph)
-        x, y = self.input_names[0], self.output_names[0]
-        nodes = [
-            helper.make_node("Shape", [x], ["shape"]),
-            _const("axis2", np.array(2, np.int64)),
-            _const("three", np.array(3, np.int64)),
-            helper.make_node("Gather", ["shape", "axis2"], ["channels"]),
-            helper.make_node("Equal", ["channels", "three"], ["is3"]),
-            helper.make_node("Cast", ["is3"], ["ok"], to=TensorProto.INT64),
-            *_refuse_unless(
-                "ok", x, 3, y, "refused:_image_did_not_decode_to_3_channels_(grayscale/CMYK_JPEG_unsupported_by_decoder)"
-            ),
-        ]
-        return self._graph(
-            nodes,
-            [helper.make_tensor_value_info(x, elem, dims)],
-            [helper.make_tensor_value_info(y, elem, dims)],
-        )
-
-
-class BGRToGray(_GraphStep):
-    """uint8 ``(H, W, 3)`` BGR to uint8 ``(H, W, 1)`` luma, bit-exact with PIL's ``convert("L")``."""
-
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(["bgr"], ["gray"], name)
-
-    def _create_graph_for_step(self, graph: onnx.GraphProto, onnx_opset: int) -> onnx.GraphProto:
-        elem, dims = self._io(graph)
-        if elem != TensorProto.UINT8 or len(dims) != 3:
-            raise ValueError("BGRToGray needs uint8 (H, W, 3) input")
-        x, y = self.input_names[0], self.output_names[0]
-        nodes = [
-            helper.make_node("Cast", [x], ["xi"], to=TensorProto.INT32),
-            _const("weights_bgr", np.array([7471, 38470, 19595], np.int32)),  # ITU-R 601-2 in 1/65536 units
-            _const("axes", np.array([-1], np.int64)),
-            _const("half", np.array(32768, np.int32)),
-            _const("unit", np.array(65536, np.int32)),
-            helper.make_node("Mul", ["xi", "weights_bgr"], ["weighted"]),
-            helper.make_node("ReduceSum", ["weighted", "axes"], ["summed"], keepdims=1),
-            helper.make_node("Add", ["summed", "half"], ["rounded"]),
-            helper.make_node("Div", ["rounded", "unit"], ["luma"]),  # non-negative: truncation == >> 16
-            helper.make_node("Cast", ["luma"], [y], to=TensorProto.UINT8),
-        ]
-        return self._graph(
-            nodes,
-            [helper.make_tensor_value_info(x, elem, dims)],
-            [helper.make_tensor_value_info(y, TensorProto.UINT8, [dims[0], dims[1], 1])],
-        )
-
-
-class NormalizeChannels(_GraphStep):
-    """Float ``(C, H, W)``: ``(x - mean[c]) / std[c]``, computed in float32 like the toolkit's ``Normalize``."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], name: str | None = None) -> None:
-        super().__init__(["data"], ["normalized"], name)
-        self._mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
-        self._std = np.asarray(std, np.float32).reshape(-1, 1, 1)
-
-    def _create_graph_for_step(self, graph: onnx.GraphProto, onnx_opset: int) -> onnx.GraphProto:
-        elem, dims = self._io(graph)
-        x, y = self.input_names[0], self.output_names[0]
-        nodes = [
-            _const("mean", self._mean),
-            _const("std", self._std),
-            helper.make_node("Sub", [x, "mean"], ["centred"]),
-            helper.make_node("Div", ["centred", "std"], [y]),
-        ]
-        return self._graph(
-            nodes,
-            [helper.make_tensor_value_info(x, elem, dims)],
-            [helper.make_tensor_value_info(y, TensorProto.FLOAT, dims)],
-        )
-
-
-class TopKClasses(_GraphStep):
-    """Float ``(K,)`` scores to ``class_index`` (int64 scalar), ``topk_scores``, ``topk_indices`` [, ``topk_labels``]."""
-
-    def __init__(self, k: int, labels: Sequence[str] | None = None, name: str | None = None) -> None:
-        outputs = ["class_index", "topk_scores", "topk_indices"] + (["topk_labels"] if labels else [])
-        super().__init__(["scores"], outputs, name)
-        self._k = k
-        self._labels = list(labels) if labels else None
-
-    def _create_graph_for_step(self, graph: onnx.GraphProto, onnx_opset: int) -> onnx.GraphProto:
-        elem, dims = self._io(graph)
-        x = self.input_names[0]
-        top, scores, indices = self.output_names[:3]
-        nodes = [
-            _const("k", np.array([self._k], np.int64)),
-            _const("first", np.array(0, np.int64)),
-            helper.make_node("TopK", [x, "k"], [scores, indices], axis=-1, largest=1, sorted=1),
-            helper.make_node("Gather", [indices, "first"], [top], axis=0),
-        ]
-        outputs = [
-            helper.make_tensor_value_info(top, TensorProto.INT64, []),
-            helper.make_tensor_value_info(scores, TensorProto.FLOAT, [self._k]),
-            helper.make_tensor_value_info(indices, TensorProto.INT64, [self._k]),
-        ]
-        if self._labels:
-            table = helper.make_tensor("label_table_value", TensorProto.STRING, [len(self._labels)],
-                                       [s.encode("utf-8") for s in self._labels])
-            nodes += [
-                helper.make_node("Constant", [], ["label_table"], value=table),
-                helper.make_node("Gather", ["label_table", indices], [self.output_names[3]], axis=0),
-            ]
-            outputs.append(helper.make_tensor_value_info(self.output_names[3], TensorProto.STRING, [self._k]))
-        return self._graph(nodes, [helper.make_tensor_value_info(x, elem, dims)], outputs)
