@@ -9,7 +9,7 @@ with the quantize time, size, bits and the evaluation; ``latency.json`` per mode
 skipped if present. Quantized models are kept in ``--work`` (default ``~/.cache/laqonnx/record``)
 for the latency cells; a missing one is quantized again. Models come from the zoo cache
 (``laqonnx.zoo.get_model``, default training configs, seeded). Methods are
-``laqonnx.demo.RECORD_METHODS`` (definitions in ``laqonnx.demo``'s docstring and in RESULTS.md).
+``laqonnx.zoo.demo.RECORD_METHODS`` (definitions in ``laqonnx.zoo.demo``'s docstring and in RESULTS.md).
 Robust accuracy: ``laqonnx.evaluate`` (worst case over the preset's attacks, scored on onnxruntime,
 transfer from the float model, with the robust-vs-eps sweep). Latency: all methods of a model
 measured interleaved with ``laqonnx.latency.compare_latency`` at batch 1. RESULTS.md keeps the
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from laqonnx._util.io import atomic_write_json, atomic_write_text  # noqa: E402
-from laqonnx.demo import RECORD_METHODS, MethodContext, int4_rule, quantize_method  # noqa: E402
+from laqonnx.zoo.demo import RECORD_METHODS, MethodContext, int4_rule, quantize_method  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ORT_INT8 = ("ort-minmax", "ort-minmax-pc", "ort-entropy", "ort-percentile")
@@ -495,7 +495,7 @@ def main() -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0)")
     ap.add_argument("--archs", default=None, help="default cnn,resnet,mobilenet (--quick: cnn)")
     ap.add_argument("--adversarial", default="none,pgd", help="training modes (default none,pgd)")
-    ap.add_argument("--methods", default=",".join(RECORD_METHODS), help="methods (laqonnx.demo.RECORD_METHODS)")
+    ap.add_argument("--methods", default=",".join(RECORD_METHODS), help="methods (laqonnx.zoo.demo.RECORD_METHODS)")
     ap.add_argument("--preset", default="quick", help="laqonnx.evaluate attack preset (default quick)")
     ap.add_argument("--examples", type=int, default=None, help="test examples per evaluation (default 100; --quick 60)")
     ap.add_argument("--attacks", default="fgsm,pgd,apgd-ce,transfer",

@@ -1,4 +1,4 @@
-"""laqonnx.demo: the int4 rule, the method registry, and one tiny end-to-end demo run."""
+"""laqonnx.zoo.demo: the int4 rule, the method registry, and one tiny end-to-end demo run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from laqonnx.cli import main
-from laqonnx.demo import DEMO_METHODS, METHODS, RECORD_METHODS, SWEEP_METHODS, DemoConfig, int4_rule, run_demo
+from laqonnx.zoo.demo import DEMO_METHODS, METHODS, RECORD_METHODS, SWEEP_METHODS, DemoConfig, int4_rule, run_demo
 from laqonnx.zoo.digits import load_digits
 
 pytest.importorskip("torch")

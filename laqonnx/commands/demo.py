@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..demo import QUICK, DemoConfig, run_demo
+    from ..zoo.demo import QUICK, DemoConfig, run_demo
 
     over: dict = dict(QUICK) if args.quick else {}
     if args.archs:

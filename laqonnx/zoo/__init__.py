@@ -3,6 +3,7 @@
 ``laqonnx.zoo.digits`` needs only numpy and scikit-learn; the models, training, export and cache
 need torch (``pip install 'laqonnx[robustness]'``) and are imported lazily. The training function
 is ``laqonnx.zoo.train.train`` (the submodule ``train`` is not shadowed by the function).
+``laqonnx.zoo.demo`` runs the demo and the benchmark matrix on them (behind ``laqonnx demo``).
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def quantize_method(name: str, ctx: MethodContext) -> Quantized:
 
 def _layer_sizes(path: Path) -> list[tuple[str, int]]:
     """(weight initializer, parameter count) of the weighted layers, in graph order."""
-    from .graph import load_model
+    from ..graph import load_model
 
     return [(layer.weight, int(np.prod(layer.weight_shape))) for layer in load_model(path).layers]
 
@@ -124,8 +124,8 @@ def int4_rule(sizes: Sequence[tuple[str, int]], target_bits: float) -> tuple[tup
 
 
 def _calib_batches(path: Path, calib: str, limit: int) -> tuple[Any, list[np.ndarray]]:
-    from .data import open_data
-    from .graph import load_model
+    from ..data import open_data
+    from ..graph import load_model
 
     pm = load_model(path)
     source = open_data(calib, input_shape=pm.input_shape, split="train", limit=limit)
@@ -155,8 +155,8 @@ def _float(ctx: MethodContext) -> Quantized:
 def _ort(name: str, baseline: str, per_channel: bool) -> None:
     @method(name)
     def run(ctx: MethodContext) -> Quantized:
-        from ._util.io import save_model
-        from .quant.lower import ort_baseline
+        from .._util.io import save_model
+        from ..quant.lower import ort_baseline
 
         t0 = time.perf_counter()
         pm, batches = _calib_batches(ctx.float_path, ctx.calib, ctx.calib_limit)
@@ -175,7 +175,7 @@ _ort("ort-percentile", "ort-percentile", False)
 def ort_mixed(pm: Any, batches: Sequence[np.ndarray], int4_weights: Sequence[str]) -> Any:
     """onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel, uint8 activations, int8 weights)
     with int4 weights on ``int4_weights``. Returns the ModelProto."""
-    from .quant.lower import ort_baseline
+    from ..quant.lower import ort_baseline
 
     return ort_baseline(pm.model, pm.input_name, batches, method="ort-minmax", per_channel=True,
                         int4_weights=int4_weights)
@@ -184,7 +184,7 @@ def ort_mixed(pm: Any, batches: Sequence[np.ndarray], int4_weights: Sequence[str
 def _ort_int4(name: str, everything: bool) -> None:
     @method(name)
     def run(ctx: MethodContext) -> Quantized:
-        from ._util.io import save_model
+        from .._util.io import save_model
 
         t0 = time.perf_counter()
         pm, batches = _calib_batches(ctx.float_path, ctx.calib, ctx.calib_limit)
@@ -202,7 +202,7 @@ _ort_int4("ort-int4", True)
 def _laq(name: str, objective: str, budget: Callable[[MethodContext], float | None]) -> None:
     @method(name)
     def run(ctx: MethodContext) -> Quantized:
-        from .quant.workflow import quantize
+        from ..quant.workflow import quantize
 
         t0 = time.perf_counter()
         bits = budget(ctx)
@@ -247,7 +247,7 @@ class DemoConfig:
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        from .robustness.attacks import PRESETS
+        from ..robustness.attacks import PRESETS
 
         if not self.archs or not self.adversarial or "float" not in self.methods:
             raise ValueError("need at least one arch, one training mode, and 'float' among the methods")
@@ -285,7 +285,7 @@ TABLE_COLUMNS = [("model", "model"), ("method", "method"), ("bits", "w-bits", _f
 
 
 def _model(cfg: DemoConfig, arch: str, adv: str, progress: bool) -> Path:
-    from .zoo import cache, train
+    from . import cache, train
 
     conf = train.default_config(arch, adv, quick=cfg.quick, seed=cfg.seed, image_size=cfg.image_size)
     over = {k: v for k, v in (("epochs", cfg.epochs), ("width", cfg.width)) if v is not None}
@@ -298,11 +298,11 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
     """Run the demo (see the module doc); return its rows and where the report is."""
     from tqdm.auto import tqdm
 
-    from ._util.io import atomic_write_json, atomic_write_text
-    from .lipschitz.analyze import analyze
-    from .latency import compare_latency
-    from .report import format_table, write_report
-    from .robustness.evaluate import evaluate
+    from .._util.io import atomic_write_json, atomic_write_text
+    from ..lipschitz.analyze import analyze
+    from ..latency import compare_latency
+    from ..report import format_table, write_report
+    from ..robustness.evaluate import evaluate
 
     cfg = config or DemoConfig()
     t_start = time.perf_counter()
