@@ -2,7 +2,8 @@
 
 Every error a user can cause (bad model, bad data, bad plan, unwritable output) is a
 :class:`LaqonnxError`. The CLI prints it as one line and exits non-zero; the Python API raises it.
-Anything else escaping is a bug in laqonnx.
+Anything else escaping is a bug in laqonnx. An invalid option value is an :class:`OptionError`,
+which is also a ``ValueError``. Notes laqonnx emits with :mod:`warnings` are :class:`LaqonnxWarning`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ __all__ = [
     "PlanError",
     "OutputError",
     "DependencyError",
+    "OptionError",
+    "LaqonnxWarning",
 ]
 
 
@@ -39,6 +42,14 @@ class OutputError(LaqonnxError):
 
 class DependencyError(LaqonnxError):
     """An optional dependency (an extra such as ``laqonnx[robustness]``) is not installed."""
+
+
+class OptionError(LaqonnxError, ValueError):
+    """An option or argument has an invalid value (out of range, unknown name, conflicting options)."""
+
+
+class LaqonnxWarning(UserWarning):
+    """A note laqonnx emits with :func:`warnings.warn` (the CLI prints it as one line)."""
 
 
 def require(module: str, extra: str):

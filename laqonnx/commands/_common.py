@@ -1,12 +1,18 @@
-"""Argument parsers shared by sub-commands (``type=`` callables for argparse)."""
+"""The one kit of argparse ``type=`` parsers every sub-command uses.
+
+Each parser turns the text of one option into a value or raises
+:class:`argparse.ArgumentTypeError` with a message naming the problem (argparse then prints
+``laqonnx CMD: error: argument --opt: <message>`` and exits 2).
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Iterable
 from fractions import Fraction
 
-__all__ = ["parse_fraction", "parse_shape"]
+__all__ = ["parse_fraction", "parse_positive_fraction", "parse_positive_int", "parse_shape", "parse_floats", "parse_subset"]
 
 
 def parse_fraction(text: str) -> float:
@@ -29,16 +35,62 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def parse_positive_fraction(text: str) -> float:
+    """Like :func:`parse_fraction`, but strictly positive."""
+    value = parse_fraction(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be > 0")
+    return value
+
+
+def parse_positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive integer")
+    return value
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    """A shape of positive integers separated by commas or 'x': ``1,28,28``, ``3x32x32``."""
+    """A shape of positive integers separated by commas or 'x': ``1,28,28``, ``3x32x32``, ``(3, 8, 8)``."""
     raw = str(text).strip().strip("()[]").replace("x", ",").replace("X", ",")
     parts = [p.strip() for p in raw.split(",") if p.strip()]
     try:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid shape {text!r}: write positive integers separated by commas, e.g. 1,28,28 or 3x32x32"
+            f"not a shape: {text!r} (write positive integers separated by commas or 'x', e.g. 1,3,32,32 or 3x32x32)"
         ) from None
     if not dims or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: needs one or more positive integers")
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (needs one or more positive sizes, e.g. 1,3,32,32)")
     return dims
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """Comma-separated finite numbers: ``0.485,0.456,0.406``."""
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"invalid numbers {text!r}: expected comma-separated numbers such as 0.5,0.5,0.5")
+    return values
+
+
+def parse_subset(allowed: Iterable[str], what: str = "method") -> Callable[[str], tuple[str, ...]]:
+    """A parser of a comma-separated, non-empty subset of ``allowed`` (order kept, repeats dropped)."""
+    names_allowed = tuple(str(a) for a in allowed)
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = [t.strip() for t in str(text).split(",") if t.strip()]
+        unknown = [n for n in names if n not in names_allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"invalid {what} list {text!r}: expected a comma-separated subset of {','.join(names_allowed)}"
+            )
+        return tuple(dict.fromkeys(names))
+
+    return parse

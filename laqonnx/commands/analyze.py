@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ModelError
+from ._common import parse_positive_fraction, parse_shape
 
-__all__ = ["add_parser", "parse_shape", "format_table"]
+__all__ = ["add_parser", "format_table"]
 
 DESCRIPTION = """\
 Analyse an ONNX model, float or quantized (QDQ: weights are dequantized, activation
@@ -27,16 +27,6 @@ examples:
   laqonnx analyze model.onnx --input-shape 1,3,32,32 --json analysis.json"""
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (expected e.g. 1,3,32,32)") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (expected positive sizes, e.g. 1,3,32,32)")
-    return dims
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
@@ -53,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="input shape, batch first (needed when the model's spatial size is dynamic), e.g. 1,3,32,32",
     )
     p.add_argument("--json", metavar="OUT", help="also write the analysis as JSON to OUT")
-    p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of iterative operator norms (default 1e-4)")
+    p.add_argument("--tol", type=parse_positive_fraction, default=1e-4, help="relative tolerance of iterative operator norms (default 1e-4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run)
 
@@ -101,8 +91,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_path(args.json, args.model)
-    if args.tol <= 0:
-        raise ModelError(f"--tol must be positive, got {args.tol}")
     analysis = analyze(args.model, args.input_shape, progress=not args.no_progress, tol=args.tol)
     print(format_table(analysis))
     if args.json:

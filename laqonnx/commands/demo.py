@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from ..errors import OptionError
+from ..vocab import AttackPreset
 
 __all__ = ["add_parser"]
 
@@ -29,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated architectures among cnn, resnet, mobilenet (default: cnn,resnet; --quick: cnn)")
     p.add_argument("--eps", type=float, default=0.1,
                    help="L-inf attack radius in input units, pixels in [0, 1] (default 0.1, the training eps)")
-    p.add_argument("--preset", choices=("quick", "standard", "thorough"), default="quick",
+    p.add_argument("--preset", choices=AttackPreset.values(), default=AttackPreset.QUICK.value,
                    help="attack budget preset of 'laqonnx evaluate' (default quick)")
     p.add_argument("--examples", type=int, default=None, metavar="N",
                    help="test examples to evaluate (default 200; --quick: 100)")
@@ -50,16 +52,11 @@ def _run(args: argparse.Namespace) -> int:
 
         bad = [a for a in over["archs"] if a not in ARCHITECTURES or a == "resnet18"]
         if bad or not over["archs"]:
-            print(f"laqonnx demo: error: --archs takes cnn, resnet, mobilenet, not {args.archs!r}", file=sys.stderr)
-            return 2
+            raise OptionError(f"--archs takes cnn, resnet, mobilenet, not {args.archs!r}")
     if args.examples is not None:
         over["n_eval"] = args.examples
-    try:
-        config = DemoConfig(out_dir=args.out, quick=args.quick, eps=args.eps, preset=args.preset,
-                            mixed_bits=args.mixed_bits, seed=args.seed, **over)
-    except ValueError as exc:
-        print(f"laqonnx demo: error: {exc}", file=sys.stderr)
-        return 2
+    config = DemoConfig(out_dir=args.out, quick=args.quick, eps=args.eps, preset=args.preset,  # OptionError: one line
+                        mixed_bits=args.mixed_bits, seed=args.seed, **over)
     result = run_demo(config, progress=not args.no_progress)
     print(result.table)
     print()

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from ..vocab import ChannelOrder
+from ._common import parse_floats, parse_positive_int
 
 __all__ = ["add_parser"]
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,32 +25,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="input .onnx classifier with one (N, C, S, S) float input, C = 1 or 3")
     p.add_argument("-o", "--output", required=True, help="path of the deployed .onnx file to write")
-    p.add_argument("--image-size", type=_positive, metavar="S",
+    p.add_argument("--image-size", type=parse_positive_int, metavar="S",
                    help="center-crop size, the model's input size (default: read from the model)")
-    p.add_argument("--resize", type=_positive, metavar="R",
+    p.add_argument("--resize", type=parse_positive_int, metavar="R",
                    help="resize the shorter image side to R before the crop (default: S)")
-    p.add_argument("--mean", type=_floats, default=(0.0,), metavar="M1,M2,M3",
+    p.add_argument("--mean", type=parse_floats, default=(0.0,), metavar="M1,M2,M3",
                    help="per-channel mean subtracted after scaling to [0, 1] (1 or C values; default 0)")
-    p.add_argument("--std", type=_floats, default=(1.0,), metavar="S1,S2,S3",
+    p.add_argument("--std", type=parse_floats, default=(1.0,), metavar="S1,S2,S3",
                    help="per-channel std divided by after the mean (1 or C values; default 1)")
-    p.add_argument("--channels", choices=("rgb", "bgr", "gray"),
+    p.add_argument("--channels", choices=ChannelOrder.values(),
                    help="channel order the model expects (default: gray for 1-channel models, rgb for 3)")
     p.add_argument("--labels", metavar="FILE", help="text file with one class label per line: adds topk_labels")
-    p.add_argument("--top-k", type=_positive, metavar="K", help="number of top classes to output (default min(5, classes))")
+    p.add_argument("--top-k", type=parse_positive_int, metavar="K", help="number of top classes to output (default min(5, classes))")
     p.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..deployment import deploy
 
-    try:
-        result = deploy(
-            args.model, args.output, image_size=args.image_size, resize=args.resize, mean=args.mean,
-            std=args.std, channels=args.channels, labels=args.labels, top_k=args.top_k,
-        )
-    except ValueError as exc:  # option validation (DeployOptions): one line, like LaqonnxError in laqonnx.cli
-        print(f"laqonnx deploy: error: {exc}", file=sys.stderr)
-        return 2
+    result = deploy(  # an invalid option is an OptionError: laqonnx.cli prints it as one line
+        args.model, args.output, image_size=args.image_size, resize=args.resize, mean=args.mean,
+        std=args.std, channels=args.channels, labels=args.labels, top_k=args.top_k,
+    )
     o = result.options
     print(
         f"wrote {result.path}: input {result.input_name} (uint8 encoded PNG/JPEG bytes) -> "

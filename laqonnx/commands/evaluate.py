@@ -6,23 +6,13 @@ import argparse
 import sys
 import warnings
 
-from ._common import parse_fraction
+from ..errors import LaqonnxWarning
+from ..vocab import AttackName, AttackPreset, ThreatNorm
+from ._common import parse_fraction, parse_positive_int
 
 __all__ = ["add_parser"]
 
-_NOTES = ("no Lipschitz analysis",)
-_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer", "square", "hsj")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be a positive integer")
-    return value
-
+_ATTACKS = AttackName.values()  # as laqonnx.robustness.attacks registers them
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -42,16 +32,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(the test split is used)")
     p.add_argument("--eps", required=True, type=parse_fraction, metavar="EPS",
                    help="perturbation budget in input units, e.g. 0.1 or 8/255")
-    p.add_argument("--norm", choices=("inf", "2"), default="inf", help="threat-model norm (default: inf)")
-    p.add_argument("--preset", choices=("quick", "standard", "thorough"), default="quick",
+    p.add_argument("--norm", choices=ThreatNorm.values(), default=ThreatNorm.INF.value, help="threat-model norm (default: inf)")
+    p.add_argument("--preset", choices=AttackPreset.values(), default=AttackPreset.QUICK.value,
                    help="attack budget: quick (seconds), standard (minutes), thorough (long) (default: quick)")
     p.add_argument("--attacks", nargs="+", choices=_ATTACKS, metavar="ATTACK",
                    help=f"run only these attacks, with the preset's budgets; choose from {', '.join(_ATTACKS)}")
     p.add_argument("--reference", metavar="FLOAT_MODEL",
                    help="float model on which transfer attacks are crafted (usually the un-quantized original)")
-    p.add_argument("--limit", type=_positive, metavar="N", help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=_positive, default=128, metavar="B", help="attack batch size (default: 128)")
-    p.add_argument("--threads", type=_positive, metavar="T",
+    p.add_argument("--limit", type=parse_positive_int, metavar="N", help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=parse_positive_int, default=128, metavar="B", help="attack batch size (default: 128)")
+    p.add_argument("--threads", type=parse_positive_int, metavar="T",
                    help="onnxruntime and torch threads of the attacks (default: 1) and of the latency "
                         "measurement (default: physical cores)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the attacks (default: 0)")
@@ -80,8 +70,8 @@ def _run(args: argparse.Namespace) -> int:
             reference=args.reference, limit=args.limit, batch_size=args.batch_size, latency=not args.no_latency,
             report_dir=args.report, threads=args.threads, seed=args.seed, progress=not args.quiet,
         )
-    for w in caught:  # our own notes as one line; anything else as Python shows it
-        if str(w.message).startswith(_NOTES):
+    for w in caught:  # our own notes (LaqonnxWarning) as one line; anything else as Python shows it
+        if issubclass(w.category, LaqonnxWarning):
             print(f"laqonnx evaluate: note: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)

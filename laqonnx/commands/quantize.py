@@ -5,45 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import parse_fraction, parse_shape
+from ..vocab import ActivationMethod, Baseline, Objective, ThreatNorm, WeightMethod
+from ._common import parse_fraction, parse_positive_fraction, parse_positive_int, parse_shape, parse_subset
 
 __all__ = ["add_parser"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = parse_fraction(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be > 0")
-    return value
-
-
-WEIGHT_METHODS = ("maxabs", "mse", "percentile")
-ACTIVATION_METHODS = ("minmax", "percentile", "entropy", "mse")
-
-
-def _methods(allowed: tuple[str, ...]):
-    """argparse type: a comma-separated, non-empty subset of ``allowed`` (order kept, repeats dropped)."""
-
-    def parse(text: str) -> tuple[str, ...]:
-        names = [t.strip() for t in text.split(",") if t.strip()]
-        unknown = [n for n in names if n not in allowed]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(
-                f"invalid method list {text!r}: expected a comma-separated subset of {','.join(allowed)}"
-            )
-        return tuple(dict.fromkeys(names))
-
-    return parse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,30 +26,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="where to write the quantized model (.onnx)")
     p.add_argument("--calib", help="calibration data: digits, a .npz (x in [0,1]), an image folder or CIFAR batches")
     p.add_argument("--eps", type=parse_fraction, default=8 / 255, help="attack radius in input units, e.g. 8/255 (default)")
-    p.add_argument("--norm", choices=("inf", "2"), default="inf", help="threat model norm (L-inf radius is converted to L2 by sqrt(input size))")
-    p.add_argument("--objective", choices=("laq", "mse", "lipschitz"), default="laq", help="laq: both terms (default); mse: quantization term only; lipschitz: adversarial term only")
-    p.add_argument("--avg-weight-bits", type=_positive_float, metavar="B", help="budget: parameter-weighted average weight bits (mixes int8/int4)")
-    p.add_argument("--max-bytes", type=_positive_int, metavar="N", help="budget: model bytes (estimated from initializer sizes)")
+    p.add_argument("--norm", choices=ThreatNorm.values(), default=ThreatNorm.INF.value, help="threat model norm (L-inf radius is converted to L2 by sqrt(input size))")
+    p.add_argument("--objective", choices=Objective.values(), default=Objective.LAQ.value, help="laq: both terms (default); mse: quantization term only; lipschitz: adversarial term only")
+    p.add_argument("--avg-weight-bits", type=parse_positive_fraction, metavar="B", help="budget: parameter-weighted average weight bits (mixes int8/int4)")
+    p.add_argument("--max-bytes", type=parse_positive_int, metavar="N", help="budget: model bytes (estimated from initializer sizes)")
     p.add_argument(
         "--adversarial-calib", nargs="?", const=True, default=None, metavar="NPZ",
         help="also calibrate on adversarial examples: alone, PGD-Linf at --eps on the float model; with a path, examples from that data",
     )
     p.add_argument("--plan", metavar="PLAN.json", help="re-apply an (edited) plan instead of scoring; ranges are recomputed if --calib is given")
-    p.add_argument("--baseline", choices=("ort-minmax", "ort-percentile", "ort-entropy"), help="also write onnxruntime's plain quantize_static model (OUT.<baseline>.onnx)")
+    p.add_argument("--baseline", choices=Baseline.values(), help="also write onnxruntime's plain quantize_static model (OUT.<baseline>.onnx)")
     p.add_argument("--per-channel", action="store_true", help="per-channel weights only (and for --baseline); default scores per-tensor and per-channel")
     p.add_argument(
-        "--weight-methods", type=_methods(WEIGHT_METHODS), metavar="M,..",
+        "--weight-methods", type=parse_subset(WeightMethod.values()), metavar="M,..",
         help="weight-range candidates to score, among maxabs,mse,percentile (default: all three); fewer is faster: "
              "every candidate costs an operator norm of its quantization error per layer",
     )
     p.add_argument(
-        "--activation-methods", type=_methods(ACTIVATION_METHODS), metavar="M,..",
+        "--activation-methods", type=parse_subset(ActivationMethod.values()), metavar="M,..",
         help="input-activation range candidates, among minmax,percentile,entropy,mse (default: all four)",
     )
     p.add_argument("--input-shape", type=parse_shape, metavar="SHAPE", help="model input shape if dynamic, batch first, e.g. 1,3,32,32")
-    p.add_argument("--calib-limit", type=_positive_int, metavar="N", help="use the first N calibration examples")
+    p.add_argument("--calib-limit", type=parse_positive_int, metavar="N", help="use the first N calibration examples")
     p.add_argument("--allow-float", action="store_true", help="with a budget, allow leaving layers in float")
-    p.add_argument("--norm-max-spatial", type=_positive_int, default=32, metavar="S", help="cap the spatial size of conv operator norms (default 32)")
+    p.add_argument("--norm-max-spatial", type=parse_positive_int, default=32, metavar="S", help="cap the spatial size of conv operator norms (default 32)")
     p.add_argument("--json", metavar="OUT.json", help="write the result summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)

@@ -11,7 +11,8 @@ from typing import Literal
 
 import onnx
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, OptionError
+from ..vocab import ChannelOrder
 
 __all__ = ["DeployOptions", "DeployResult", "read_labels", "INPUT_NAME", "Channels"]
 
@@ -38,23 +39,23 @@ class DeployOptions:
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
         if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {self.image_size}")
+            raise OptionError(f"image_size must be a positive integer, got {self.image_size}")
         if self.resize is not None:
             if self.resize < 1:
-                raise ValueError(f"resize must be a positive integer, got {self.resize}")
+                raise OptionError(f"resize must be a positive integer, got {self.resize}")
             if self.image_size is not None and self.resize < self.image_size:
-                raise ValueError(f"resize ({self.resize}) must be at least image_size ({self.image_size})")
+                raise OptionError(f"resize ({self.resize}) must be at least image_size ({self.image_size})")
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) not in (1, 3):
-                raise ValueError(f"{name} needs 1 or 3 values, got {len(values)}")
+                raise OptionError(f"{name} needs 1 or 3 values, got {len(values)}")
         if any(not s > 0 for s in self.std):
-            raise ValueError(f"std values must be positive, got {self.std}")
-        if self.channels is not None and self.channels not in ("rgb", "bgr", "gray"):
-            raise ValueError(f"channels must be 'rgb', 'bgr' or 'gray', got {self.channels!r}")
+            raise OptionError(f"std values must be positive, got {self.std}")
+        if self.channels is not None:
+            object.__setattr__(self, "channels", ChannelOrder.check(self.channels, "channels"))
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+            raise OptionError(f"top_k must be a positive integer, got {self.top_k}")
         if self.labels is not None and (not self.labels or any(not s for s in self.labels)):
-            raise ValueError("labels must be non-empty strings, one per class")
+            raise OptionError("labels must be non-empty strings, one per class")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _resolve(options: DeployOptions, sig: _Signature) -> DeployOptions:
     if size != sig.size:
         raise ModelError(f"image_size {size} does not match the model's input size {sig.size}")
     if options.resize is not None and options.resize < size:
-        raise ValueError(f"resize ({options.resize}) must be at least image_size ({size})")
+        raise OptionError(f"resize ({options.resize}) must be at least image_size ({size})")
     channels = options.channels or ("gray" if sig.channels == 1 else "rgb")
     if (channels == "gray") != (sig.channels == 1):
         raise ModelError(f"channels {channels!r} do not fit the model's {sig.channels}-channel input")

@@ -20,7 +20,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from ..errors import ModelError
+from ..errors import ModelError, OptionError
 from .cpu import CpuInfo, cpu_info, default_threads
 
 __all__ = ["LatencyStats", "LatencyResult", "measure_latency", "compare_latency"]
@@ -98,17 +98,17 @@ class _Options:
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch_sizes must be positive integers, got {self.batch_sizes!r}")
+            raise OptionError(f"batch_sizes must be positive integers, got {self.batch_sizes!r}")
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
-            raise ValueError(f"batch_sizes has duplicates: {self.batch_sizes!r}")
+            raise OptionError(f"batch_sizes has duplicates: {self.batch_sizes!r}")
         if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise OptionError(f"threads must be >= 1, got {self.threads}")
         if self.warmup < 0 or self.runs < 1 or self.rounds < 1:
-            raise ValueError("need warmup >= 0, runs >= 1 and rounds >= 1")
+            raise OptionError("need warmup >= 0, runs >= 1 and rounds >= 1")
         if self.min_time_s < 0:
-            raise ValueError(f"min_time_s must be >= 0, got {self.min_time_s}")
+            raise OptionError(f"min_time_s must be >= 0, got {self.min_time_s}")
         if self.input_shape is not None and any(int(d) != d or d < 1 for d in self.input_shape):
-            raise ValueError(f"input_shape must be positive integers, got {self.input_shape!r}")
+            raise OptionError(f"input_shape must be positive integers, got {self.input_shape!r}")
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -286,7 +286,7 @@ def compare_latency(models: Mapping[str, ModelLike], *, rounds: int = 10, **kw: 
     for ``runs / rounds`` timed runs, so ratios between models share the same machine noise.
     Other keywords are those of :func:`measure_latency`."""
     if not models:
-        raise ValueError("compare_latency needs at least one model")
+        raise OptionError("compare_latency needs at least one model")
     allowed = {"batch_sizes", "threads", "warmup", "runs", "min_time_s", "input_shape", "progress"}
     unknown = set(kw) - allowed
     if unknown:

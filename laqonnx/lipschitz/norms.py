@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .._util.threads import compute_threads
+from ..errors import OptionError
 from ..graph import Layer
 from .maps import _circular_conv, _conv_adjoint, _conv_geometry, _conv_map, _matrix_map, _torch, window_overlap
 from .solvers import OperatorNorm, _iterative_sigma, _lanczos_sigma, _top_singular, linear_map_norm
@@ -162,7 +163,7 @@ def operator_norm(
 ) -> OperatorNorm:
     """The L2 operator norm of ``layer``'s linear map with weight ``weight`` (float or quantized)."""
     if tol <= 0 or max_iter < 1:
-        raise ValueError("tol must be > 0 and max_iter >= 1")
+        raise OptionError("tol must be > 0 and max_iter >= 1")
     fn = _NORMS.get(layer.op_type)
     if fn is None:
         raise ValueError(f"no operator-norm rule for op type {layer.op_type!r}")

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..errors import ModelError
+from ..errors import ModelError, OptionError
+from ..vocab import Baseline
 from .numerics import ActivationQuant, QParams
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 QDQ_OPSET_FOR_LOW_BITS = 21
-BASELINES = ("ort-minmax", "ort-percentile", "ort-entropy")
+BASELINES = Baseline.values()
 
 
 def _ort_quantized_ops() -> frozenset[str]:
@@ -273,7 +274,7 @@ def ort_baseline(
         "ort-entropy": CalibrationMethod.Entropy,
     }
     if method not in methods:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {method!r}")
+        raise OptionError(f"baseline must be one of {BASELINES}, got {method!r}")
     work = copy.deepcopy(model)
     extra = {}
     if int4_weights:

@@ -56,13 +56,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._util.threads import compute_threads
+from ..errors import OptionError
 from ..graph import Layer, PreparedModel
+from ..vocab import ActivationMethod, Objective, ThreatNorm, WeightMethod
 from .numerics import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant, quantize_weight
 
 __all__ = ["OBJECTIVES", "Candidate", "Score", "ObjectiveConfig", "CandidateSpace", "LayerTerms", "Scored", "score_layers",
            "eps_l2"]
 
-OBJECTIVES = ("laq", "mse", "lipschitz")
+OBJECTIVES = Objective.values()
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,9 @@ class Candidate:
 
     def __post_init__(self) -> None:
         if self.weight is not None and not isinstance(self.weight, WeightQuant):
-            raise ValueError(f"weight must be a WeightQuant or None, got {self.weight!r}")
+            raise OptionError(f"weight must be a WeightQuant or None, got {self.weight!r}")
         if not isinstance(self.activation, ActivationQuant):
-            raise ValueError(f"activation must be an ActivationQuant, got {self.activation!r}")
+            raise OptionError(f"activation must be an ActivationQuant, got {self.activation!r}")
 
     @property
     def weight_bits(self) -> int:
@@ -125,20 +127,18 @@ class ObjectiveConfig:
     first_order_max: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.norm not in ("inf", "2"):
-            raise ValueError(f"norm must be 'inf' or '2', got {self.norm!r}")
+        object.__setattr__(self, "objective", Objective.check(self.objective, "objective"))
+        object.__setattr__(self, "norm", ThreatNorm.check(self.norm, "norm"))
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+            raise OptionError(f"eps must be a finite number >= 0, got {self.eps!r}")
         if self.norm_max_spatial is not None and (not isinstance(self.norm_max_spatial, int) or self.norm_max_spatial < 1):
-            raise ValueError(f"norm_max_spatial must be None or an int >= 1, got {self.norm_max_spatial!r}")
+            raise OptionError(f"norm_max_spatial must be None or an int >= 1, got {self.norm_max_spatial!r}")
         if self.tol <= 0 or self.max_iter < 1:
-            raise ValueError("tol must be > 0 and max_iter >= 1")
+            raise OptionError("tol must be > 0 and max_iter >= 1")
         if not (isinstance(self.first_order_max, (int, float)) and 0 <= self.first_order_max < 1):
-            raise ValueError(f"first_order_max must be in [0, 1), got {self.first_order_max!r}")
+            raise OptionError(f"first_order_max must be in [0, 1), got {self.first_order_max!r}")
         if self.error_tol is not None and not (isinstance(self.error_tol, (int, float)) and 0 < self.error_tol < 1):
-            raise ValueError(f"error_tol must be None or in (0, 1), got {self.error_tol!r}")
+            raise OptionError(f"error_tol must be None or in (0, 1), got {self.error_tol!r}")
 
     @property
     def error_norm_tol(self) -> float:
@@ -154,10 +154,10 @@ class CandidateSpace:
 
     weight_bits: tuple[int, ...] = (8, 4)
     granularities: tuple[PerTensor | PerChannel, ...] = (PerTensor(), PerChannel())
-    weight_methods: tuple[str, ...] = ("maxabs", "mse", "percentile")
+    weight_methods: tuple[str, ...] = WeightMethod.values()
     weight_percentile: float = 99.99
     activation_bits: tuple[int, ...] = (8,)
-    activation_methods: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+    activation_methods: tuple[str, ...] = ActivationMethod.values()
     activation_percentile: float = 99.99
     allow_float: bool = False
     default_activation: ActivationQuant = field(default_factory=ActivationQuant)
@@ -166,12 +166,12 @@ class CandidateSpace:
         for name in ("weight_bits", "granularities", "weight_methods", "activation_bits", "activation_methods"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not value:
-                raise ValueError(f"CandidateSpace.{name} must be a non-empty tuple, got {value!r}")
+                raise OptionError(f"CandidateSpace.{name} must be a non-empty tuple, got {value!r}")
         # validate every combination once
         self.weight_settings(0)
         self.activation_settings()
         if self.default_activation.bits != 8:
-            raise ValueError("default_activation must be 8-bit")
+            raise OptionError("default_activation must be 8-bit")
 
     def weight_settings(self, axis: int, bits: Sequence[int] | None = None) -> tuple[WeightQuant | None, ...]:
         """Weight settings for a layer whose output channels lie on ``axis`` (None = float)."""

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import TensorProto
 
+from ..errors import OptionError
+from ..vocab import ActivationMethod, WeightMethod
+
 __all__ = [
     "PerTensor",
     "PerChannel",
@@ -37,8 +40,6 @@ __all__ = [
     "MSE_CLIP_RATIOS",
 ]
 
-WEIGHT_METHODS = ("maxabs", "mse", "percentile")
-ACTIVATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 # Clip ratios (of max |w|) tried by the MSE weight search; 1.0 is included so MSE <= max-abs.
 MSE_CLIP_RATIOS = np.linspace(0.30, 1.0, 71)
 
@@ -66,7 +67,7 @@ class PerChannel:
 
     def __post_init__(self) -> None:
         if not isinstance(self.axis, int) or isinstance(self.axis, bool):
-            raise ValueError(f"PerChannel.axis must be an int, got {self.axis!r}")
+            raise OptionError(f"PerChannel.axis must be an int, got {self.axis!r}")
 
 
 Granularity = PerTensor | PerChannel
@@ -74,7 +75,7 @@ Granularity = PerTensor | PerChannel
 
 def _check_percentile(p: float) -> None:
     if not (isinstance(p, (int, float)) and 50.0 < float(p) <= 100.0):
-        raise ValueError(f"percentile must be in (50, 100], got {p!r}")
+        raise OptionError(f"percentile must be in (50, 100], got {p!r}")
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,10 @@ class WeightQuant:
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
-            raise ValueError(f"weight bits must be 8 or 4, got {self.bits!r}")
+            raise OptionError(f"weight bits must be 8 or 4, got {self.bits!r}")
         if not isinstance(self.granularity, (PerTensor, PerChannel)):
-            raise ValueError(f"granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}")
-        if self.method not in WEIGHT_METHODS:
-            raise ValueError(f"weight method must be one of {WEIGHT_METHODS}, got {self.method!r}")
+            raise OptionError(f"granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}")
+        object.__setattr__(self, "method", WeightMethod.check(self.method, "weight method"))
         _check_percentile(self.percentile)
 
 
@@ -107,12 +107,11 @@ class ActivationQuant:
 
     def __post_init__(self) -> None:
         if self.bits not in (8, 16) or isinstance(self.bits, bool):
-            raise ValueError(f"activation bits must be 8 or 16, got {self.bits!r}")
-        if self.method not in ACTIVATION_METHODS:
-            raise ValueError(f"activation method must be one of {ACTIVATION_METHODS}, got {self.method!r}")
+            raise OptionError(f"activation bits must be 8 or 16, got {self.bits!r}")
+        object.__setattr__(self, "method", ActivationMethod.check(self.method, "activation method"))
         _check_percentile(self.percentile)
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
+            raise OptionError(f"symmetric must be a bool, got {self.symmetric!r}")
 
     @property
     def signed(self) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, OptionError
 
 __all__ = ["TensorStats", "StatsCollector", "DEFAULT_BINS"]
 
@@ -191,7 +191,7 @@ class StatsCollector:
 
     def __init__(self, bins: int = DEFAULT_BINS):
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 16:
-            raise ValueError(f"bins must be an integer >= 16, got {bins!r}")
+            raise OptionError(f"bins must be an integer >= 16, got {bins!r}")
         self.bins = bins
         self._stats: dict[str, TensorStats] = {}
 

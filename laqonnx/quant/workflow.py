@@ -21,7 +21,7 @@ import onnx
 
 from .._util.io import atomic_write_json, check_output_path, save_model
 from .._util.threads import compute_threads
-from ..errors import DataError, PlanError
+from ..errors import DataError, OptionError, PlanError
 from ..graph import PreparedModel, load_model
 from .costs import choose
 from .lower import BASELINES, LoweringSpec, lower, ort_baseline, quantized_tensors
@@ -215,20 +215,20 @@ def quantize(
     timings: dict[str, float] = {}
     config = ObjectiveConfig(objective=objective, eps=float(eps), norm=str(norm), norm_max_spatial=norm_max_spatial)
     if avg_weight_bits is not None and max_bytes is not None:
-        raise ValueError("give at most one budget: avg_weight_bits or max_bytes")
+        raise OptionError("give at most one budget: avg_weight_bits or max_bytes")
     if avg_weight_bits is not None and not (isinstance(avg_weight_bits, (int, float)) and avg_weight_bits > 0):
-        raise ValueError(f"avg_weight_bits must be > 0, got {avg_weight_bits!r}")
+        raise OptionError(f"avg_weight_bits must be > 0, got {avg_weight_bits!r}")
     if max_bytes is not None and not (isinstance(max_bytes, int) and max_bytes > 0):
-        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        raise OptionError(f"max_bytes must be a positive int, got {max_bytes!r}")
     if plan is not None and (avg_weight_bits is not None or max_bytes is not None):
         raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
     if plan is not None and candidates is not None:
         raise PlanError("candidate sets (--weight-methods/--activation-methods, candidates=) choose what to score; they do not "
                         "apply when re-applying a plan (--plan): edit the plan's settings instead")
     if baseline is not None and baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        raise OptionError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if calib_limit is not None and (not isinstance(calib_limit, int) or calib_limit < 1):
-        raise ValueError(f"calib_limit must be a positive int, got {calib_limit!r}")
+        raise OptionError(f"calib_limit must be a positive int, got {calib_limit!r}")
     space = candidates or CandidateSpace(allow_float=allow_float)
     if per_channel is not None:
         gran = (PerChannel(),) if per_channel else (PerTensor(),)

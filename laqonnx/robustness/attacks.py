@@ -24,6 +24,9 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
+from ..errors import OptionError
+from ..vocab import AttackName, ThreatNorm
+
 __all__ = [
     "Threat", "Preset", "PRESETS", "ATTACKS", "AttackContext", "AttackResult", "NotApplicable",
     "Masking", "register_attack", "run_attack", "worst_case", "gradient_masking", "perturbation_norm",
@@ -41,9 +44,8 @@ class Threat:
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.eps) or self.eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, not {self.eps}")
-        if self.norm not in ("inf", "2"):
-            raise ValueError(f"norm must be 'inf' or '2', not {self.norm!r}")
+            raise OptionError(f"eps must be a finite number >= 0, not {self.eps}")
+        object.__setattr__(self, "norm", ThreatNorm.check(self.norm, "norm"))
 
     @property
     def art_norm(self) -> float | int:
@@ -76,7 +78,7 @@ class Preset:
                 raise ValueError(f"{key} must be >= 1, not {getattr(self, key)}")
 
 
-ATTACK_NAMES: tuple[str, ...] = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "transfer", "square", "hsj")
+ATTACK_NAMES: tuple[str, ...] = AttackName.values()
 
 PRESETS: dict[str, Preset] = {
     # Sized on a digits CNN with 200 examples, 1 thread (benchmarks/evaluate_throughput.py):

@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, LaqonnxWarning, ModelError, OptionError
+from ..vocab import AttackPreset
 from .attacks import ATTACKS, PRESETS, AttackContext, AttackResult, Masking, NotApplicable, Preset, Threat
 from .attacks import gradient_masking, run_attack, worst_case
 
@@ -278,23 +279,22 @@ def evaluate(
     measured 10-50x slower on a loaded 2-core machine); the latency measurement uses ``threads``
     if given, else :func:`laqonnx.latency.measure_latency`'s default (physical cores).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    preset = AttackPreset.check(preset, "preset")
     threat = Threat(float(eps), str(norm))
     chosen = PRESETS[preset]
     names = tuple(attacks) if attacks is not None else chosen.attacks
     unknown = [a for a in names if a not in ATTACKS]
     if unknown or not names:
-        raise ValueError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
+        raise OptionError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
     if batch_size < 1 or (limit is not None and limit < 1):
-        raise ValueError("batch_size and limit must be >= 1")
+        raise OptionError("batch_size and limit must be >= 1")
     model_list = list(models) if isinstance(models, (list, tuple)) else [models]
     if not model_list:
-        raise ValueError("give at least one model")
+        raise OptionError("give at least one model")
     from .ort_estimator import OrtModel, load_model
 
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, not {threads}")
+        raise OptionError(f"threads must be >= 1, not {threads}")
     first = OrtModel(load_model(model_list[0]), threads=threads or 1)
     x, y = _load_data(data, first.declared_shape, limit)
     opts = {"threads": threads, "batch_size": batch_size, "seed": seed, "progress": progress, "latency": latency,
@@ -335,7 +335,7 @@ def _analyses(models: list[Any], names: list[str], shape: tuple[int, ...]) -> di
         try:
             out[name] = analyze(model, (1, *shape), progress=False).to_json()
         except LaqonnxError as exc:
-            warnings.warn(f"no Lipschitz analysis of {name} in the report: {exc}", stacklevel=3)
+            warnings.warn(f"no Lipschitz analysis of {name} in the report: {exc}", LaqonnxWarning, stacklevel=3)
     return out
 
 

@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import OptionError
+from ..vocab import AttackPreset
+
 __all__ = [
     "METHODS", "DEMO_METHODS", "RECORD_METHODS", "SWEEP_METHODS", "MethodContext", "Quantized", "method", "int4_rule",
     "ort_mixed", "quantize_method", "DemoConfig", "DemoResult", "run_demo", "TABLE_COLUMNS", "QUICK",
@@ -60,7 +63,7 @@ class MethodContext:
 
     def __post_init__(self) -> None:
         if not (0 < self.eps <= 1) or self.calib_limit < 1 or not 4 <= self.budget_bits <= 8:
-            raise ValueError("need 0 < eps <= 1, calib_limit >= 1 and 4 <= budget_bits <= 8")
+            raise OptionError("need 0 < eps <= 1, calib_limit >= 1 and 4 <= budget_bits <= 8")
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def method(name: str) -> Callable[[Callable[[MethodContext], Quantized]], Callab
 
 def quantize_method(name: str, ctx: MethodContext) -> Quantized:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        raise OptionError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     return METHODS[name](ctx)
 
 
@@ -247,19 +250,16 @@ class DemoConfig:
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        from ..robustness.attacks import PRESETS
-
         if not self.archs or not self.adversarial or "float" not in self.methods:
-            raise ValueError("need at least one arch, one training mode, and 'float' among the methods")
+            raise OptionError("need at least one arch, one training mode, and 'float' among the methods")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+            raise OptionError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+        object.__setattr__(self, "preset", AttackPreset.check(self.preset, "preset"))
         if not 4 <= self.mixed_bits <= 8 or self.n_eval < 1 or self.calib_limit < 1 or self.latency_runs < 1:
-            raise ValueError("need 4 <= mixed_bits <= 8 and n_eval, calib_limit, latency_runs >= 1")
+            raise OptionError("need 4 <= mixed_bits <= 8 and n_eval, calib_limit, latency_runs >= 1")
         if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise OptionError(f"epochs must be >= 1, got {self.epochs}")
 
 
 QUICK = {"archs": ("cnn",), "n_eval": 100, "calib_limit": 128, "sweep": False, "latency_runs": 50}

@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from .._util.io import save_model
-from ..errors import require
+from ..errors import OptionError, require
 
 __all__ = ["export_onnx", "INPUT_NAME", "OUTPUT_NAME"]
 
@@ -44,7 +44,7 @@ def export_onnx(
     if len(shape) == 3:
         shape = (1, *shape)
     if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W) with positive sizes, got {tuple(input_shape)}")
+        raise OptionError(f"input_shape must be (C, H, W) or (N, C, H, W) with positive sizes, got {tuple(input_shape)}")
     dummy = torch.zeros(shape, dtype=torch.float32)
     was_training = bool(module.training)
     module.eval()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from ..errors import require
+from ..errors import OptionError, require
 
 torch = require("torch", "robustness")
 nn = torch.nn
@@ -44,7 +44,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, image_size: int = 16, hidden: int = 64) -> None:
         super().__init__()
         if image_size < 4:
-            raise ValueError(f"SmallCNN needs image_size >= 4, got {image_size}")
+            raise OptionError(f"SmallCNN needs image_size >= 4, got {image_size}")
         side = (image_size + 1) // 2
         side = (side + 1) // 2
         self.features = nn.Sequential(
@@ -108,7 +108,7 @@ class ResNet(nn.Module):
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         else:
-            raise ValueError(f"ResNet stem must be 'small' or 'imagenet', got {stem!r}")
+            raise OptionError(f"ResNet stem must be 'small' or 'imagenet', got {stem!r}")
         layers: list[nn.Module] = []
         planes = width
         for stage, count in enumerate(blocks):
@@ -211,7 +211,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 def build_model(arch: str, *, in_channels: int = 1, num_classes: int = 10, width: int | None = None, image_size: int = 16) -> nn.Module:
     """Build ``ARCHITECTURES[arch]``; ``width=None`` keeps the architecture's default width."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise OptionError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     kwargs: dict[str, int] = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
     if width is not None:
         kwargs["width"] = width

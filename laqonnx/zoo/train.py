@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import DataError, require
+from ..errors import DataError, OptionError, require
 from .digits import load_digits
 
 torch = require("torch", "robustness")
@@ -64,32 +64,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+            raise OptionError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
         if self.adversarial not in ADVERSARIAL:
-            raise ValueError(f"adversarial must be one of {', '.join(ADVERSARIAL)}, got {self.adversarial!r}")
+            raise OptionError(f"adversarial must be one of {', '.join(ADVERSARIAL)}, got {self.adversarial!r}")
         positive = ("batch_size", "pgd_steps", "eval_pgd_steps", "guard_pgd_steps", "image_size", "num_classes")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("epochs", "eval_samples", "guard_samples", "seed", "split_seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and self.weight_decay >= 0):
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+            raise OptionError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if not 0 <= self.eps <= 1:
-            raise ValueError(f"eps must be in [0, 1] (input units), got {self.eps}")
+            raise OptionError(f"eps must be in [0, 1] (input units), got {self.eps}")
         if self.adversarial != "none" and self.eps == 0:
-            raise ValueError("adversarial training needs eps > 0")
+            raise OptionError("adversarial training needs eps > 0")
         for name in ("pgd_alpha", "fgsm_alpha"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 or None, got {value}")
+                raise OptionError(f"{name} must be > 0 or None, got {value}")
         if not 0 < self.guard_drop <= 1:
-            raise ValueError(f"guard_drop must be in (0, 1], got {self.guard_drop}")
+            raise OptionError(f"guard_drop must be in (0, 1], got {self.guard_drop}")
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+            raise OptionError(f"channels must be 1 or 3, got {self.channels}")
         if self.width is not None and self.width < 1:
-            raise ValueError(f"width must be >= 1 or None, got {self.width}")
+            raise OptionError(f"width must be >= 1 or None, got {self.width}")
 
 
 def default_config(arch: str = "cnn", adversarial: str = "none", *, quick: bool = False, seed: int = 0, image_size: int | None = None) -> TrainConfig:
