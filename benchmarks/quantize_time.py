@@ -4,7 +4,7 @@ Same ResNet-18-sized model (random weights, 3x224x224, BatchNorm folded by both 
 calibration images (64 uniform-random images in [0, 1], batches of 32), measured side by side:
 the two tools alternate, each run in a fresh output folder, >= 3 runs each; medians and their ratio
 (target: ours / onnxruntime <= 1.5). Also recorded: our per-stage timings (median), and the lowering
-alternatives of DESIGN.md §5 on the same model: our `lower` (onnxruntime's QDQQuantizer fed with our
+alternatives on the same model: our `lower` (onnxruntime's QDQQuantizer fed with our
 ranges) vs `quantize_static` with the same planned weights as TensorQuantOverrides (which runs
 onnxruntime's own calibration pass again); and the scoring floor: scoring with every weight-error
 norm replaced by 0, i.e. what any cheaper estimator of that term could at best bring.

@@ -1,6 +1,6 @@
 """Consistency: the per-layer choice minimises the linearised whole-network bound (brute force).
 
-The whole-network bound is computed here independently of ``objective.py``'s per-layer metric:
+The whole-network bound is computed here independently of ``laqonnx.quant.metric``'s per-layer metric:
 ``B(s) = eps2 * (Lambda + sum_l dLambda/dL_l * (Lhat_l(s) - L_l)) + sum_l G_l * q_l(s)`` with
 ``dLambda/dL_l`` a finite difference of :func:`network_bounds` (a network-level quantity), ``G_l``
 from the same, and ``q_l`` rebuilt from operator norms of the quantized weights and the calibration
