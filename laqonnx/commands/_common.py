@@ -12,7 +12,8 @@ import math
 from collections.abc import Callable, Iterable
 from fractions import Fraction
 
-__all__ = ["parse_fraction", "parse_positive_fraction", "parse_positive_int", "parse_shape", "parse_floats", "parse_subset"]
+__all__ = ["parse_fraction", "parse_positive_fraction", "parse_positive_int", "parse_shape", "parse_floats", "parse_range",
+           "parse_subset"]
 
 
 def parse_fraction(text: str) -> float:
@@ -78,6 +79,26 @@ def parse_floats(text: str) -> tuple[float, ...]:
     if not values or not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"invalid numbers {text!r}: expected comma-separated numbers such as 0.5,0.5,0.5")
     return values
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """``LO,HI``: the model's valid input range, finite with LO < HI (fractions allowed: ``0,255``,
+    ``-1,1``; on the command line write ``--input-range=-1,1`` when LO is negative)."""
+    parts = [p.strip() for p in str(text).strip().strip("[]()").split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError(text)
+        lo, hi = (_signed_fraction(p) for p in parts)
+    except (ValueError, ZeroDivisionError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"invalid range {text!r}: write LO,HI such as 0,1 or -1,1 or 0,255") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"invalid range {text!r}: LO and HI must be finite with LO < HI")
+    return lo, hi
+
+
+def _signed_fraction(text: str) -> float:
+    sign = -1.0 if text.startswith("-") else 1.0
+    return sign * parse_fraction(text[1:] if sign < 0 else text)
 
 
 def parse_subset(allowed: Iterable[str], what: str = "method") -> Callable[[str], tuple[str, ...]]:

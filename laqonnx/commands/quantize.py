@@ -6,53 +6,83 @@ import argparse
 import sys
 
 from ..vocab import ActivationMethod, Baseline, Objective, ThreatNorm, WeightMethod
-from ._common import parse_fraction, parse_positive_fraction, parse_positive_int, parse_shape, parse_subset
+from ._common import parse_fraction, parse_positive_fraction, parse_positive_int, parse_range, parse_shape, parse_subset
 
 __all__ = ["add_parser"]
 
+DESCRIPTION = """\
+Choose, layer by layer, the weight and activation quantization settings of an ONNX classifier and
+write a QDQ model through onnxruntime's own quantizer, plus OUT.plan.json (reviewable, editable,
+re-appliable with --plan).
+
+Each candidate setting is scored by what it does to the logits, measured on the calibration data
+through the float model's local gains (its Jacobian, by backward passes through a differentiable
+mirror): the quantization term (the logit error on clean examples) plus the adversarial term (how
+much the setting changes the model's response to PGD examples crafted on the float model at --eps,
+made automatically; --no-adversarial-calib skips them). Under a budget (--avg-weight-bits or
+--max-bytes) the choice is an exact knapsack. Before writing, a guard measures the chosen plan, the
+two ablations' plans and the uniform rule at the same budget through onnxruntime on calibration
+examples and keeps the best. The written model is loaded and run in onnxruntime, and its top-1
+agreement with the float model is printed (a warning below 90%).
+
+Data is in the model's own units and layout: [0, 1] images by default, --input-range for others
+(e.g. --input-range=-1,1); NHWC models get NHWC data; integer-input models get no QDQ on their
+integer paths."""
+
+EPILOG = """\
+examples:
+  laqonnx quantize model.onnx -o model.int8.onnx --calib calib.npz --eps 8/255
+  laqonnx quantize model.onnx -o model.mixed.onnx --calib calib.npz --avg-weight-bits 6
+  laqonnx quantize mnist.onnx -o mnist.int8.onnx --calib mnist --eps 0.1 --baseline ort-minmax
+  laqonnx quantize model.onnx -o again.onnx --plan model.int8.plan.json --calib calib.npz"""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "quantize",
-        help="quantize an ONNX model to int8 (QDQ), choosing settings layer by layer",
-        description=(
-            "Choose, layer by layer, the weight and activation quantization settings that minimise a "
-            "linearised bound on adversarial + quantization loss (Lipschitz constants measured on the "
-            "model, activation errors on calibration data), optionally under a size budget solved "
-            "exactly, and write a QDQ model through onnxruntime's own quantizer, plus OUT.plan.json."
-        ),
-    )
+    p = sub.add_parser("quantize", help="quantize an ONNX model to int8 (QDQ), choosing settings layer by layer",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="the float ONNX model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the quantized model (.onnx)")
-    p.add_argument("--calib", help="calibration data: digits, a .npz (x in [0,1]), an image folder or CIFAR batches")
-    p.add_argument("--eps", type=parse_fraction, default=8 / 255, help="attack radius in input units, e.g. 8/255 (default)")
-    p.add_argument("--norm", choices=ThreatNorm.values(), default=ThreatNorm.INF.value, help="threat model norm (L-inf radius is converted to L2 by sqrt(input size))")
-    p.add_argument("--objective", choices=Objective.values(), default=Objective.LAQ.value, help="laq: both terms (default); mse: quantization term only; lipschitz: adversarial term only")
-    p.add_argument("--avg-weight-bits", type=parse_positive_fraction, metavar="B", help="budget: parameter-weighted average weight bits (mixes int8/int4)")
-    p.add_argument("--max-bytes", type=parse_positive_int, metavar="N", help="budget: model bytes (estimated from initializer sizes)")
-    p.add_argument(
-        "--adversarial-calib", nargs="?", const=True, default=None, metavar="NPZ",
-        help="also calibrate on adversarial examples: alone, PGD-Linf at --eps on the float model; with a path, examples from that data",
-    )
+    p.add_argument("--calib", help="calibration data in the model's units: digits, mnist, a .npz (x, optional y), an image "
+                                   "folder or CIFAR batches")
+    p.add_argument("--eps", type=parse_fraction, default=8 / 255,
+                   help="attack radius in input units, e.g. 8/255 (default) or 0.1; 0 turns the adversarial term off")
+    p.add_argument("--norm", choices=ThreatNorm.values(), default=ThreatNorm.INF.value, help="threat model norm (default inf)")
+    p.add_argument("--objective", choices=Objective.values(), default=Objective.LAQ.value,
+                   help="laq: both terms (default); mse: the quantization term only; lipschitz: the adversarial term only")
+    p.add_argument("--avg-weight-bits", type=parse_positive_fraction, metavar="B",
+                   help="budget: parameter-weighted average weight bits (mixes int8/int4)")
+    p.add_argument("--max-bytes", type=parse_positive_int, metavar="N", help="budget: model bytes (from initializer sizes)")
+    adv = p.add_mutually_exclusive_group()
+    adv.add_argument("--adversarial-calib", nargs="?", const=True, default=None, metavar="NPZ",
+                     help="alone: PGD examples at --eps on the float model (the default when eps > 0); with a path: "
+                          "adversarial examples from that data, paired by index with --calib")
+    adv.add_argument("--no-adversarial-calib", action="store_true",
+                     help="calibrate on clean data only (no PGD examples; the adversarial term is then 0)")
+    p.add_argument("--input-range", type=parse_range, metavar="LO,HI",
+                   help="the model's valid input range, for the data check and the PGD examples (default: 0,1 if the "
+                        "calibration data lie in it, else their own range); write --input-range=-1,1")
+    p.add_argument("--output-name", metavar="NAME", help="the classifier output of a multi-output model (default: the first)")
     p.add_argument("--plan", metavar="PLAN.json", help="re-apply an (edited) plan instead of scoring; ranges are recomputed if --calib is given")
     p.add_argument("--baseline", choices=Baseline.values(), help="also write onnxruntime's plain quantize_static model (OUT.<baseline>.onnx)")
     p.add_argument("--per-channel", action="store_true", help="per-channel weights only (and for --baseline); default scores per-tensor and per-channel")
-    p.add_argument(
-        "--weight-methods", type=parse_subset(WeightMethod.values()), metavar="M,..",
-        help="weight-range candidates to score, among maxabs,mse,percentile (default: all three); fewer is faster: "
-             "every candidate costs an operator norm of its quantization error per layer",
-    )
-    p.add_argument(
-        "--activation-methods", type=parse_subset(ActivationMethod.values()), metavar="M,..",
-        help="input-activation range candidates, among minmax,percentile,entropy,mse (default: all four)",
-    )
+    p.add_argument("--weight-methods", type=parse_subset(WeightMethod.values()), metavar="M,..",
+                   help="weight-range candidates to score, among maxabs,mse,percentile (default: all three)")
+    p.add_argument("--activation-methods", type=parse_subset(ActivationMethod.values()), metavar="M,..",
+                   help="input-activation range candidates, among minmax,percentile,entropy,mse (default: all four)")
     p.add_argument("--input-shape", type=parse_shape, metavar="SHAPE", help="model input shape if dynamic, batch first, e.g. 1,3,32,32")
-    p.add_argument("--calib-limit", type=parse_positive_int, metavar="N", help="use the first N calibration examples")
+    p.add_argument("--calib-limit", type=parse_positive_int, metavar="N", help="use the first N calibration examples (default: up to 1024)")
+    p.add_argument("--metric-examples", type=parse_positive_int, default=64, metavar="N",
+                   help="calibration examples (and as many adversarial ones) the metric is measured on (default 64)")
     p.add_argument("--allow-float", action="store_true", help="with a budget, allow leaving layers in float")
-    p.add_argument("--norm-max-spatial", type=parse_positive_int, default=32, metavar="S", help="cap the spatial size of conv operator norms (default 32)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="write the objective's own choice without comparing it with the alternatives")
     p.add_argument("--json", metavar="OUT.json", help="write the result summary as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -69,63 +99,46 @@ def _run(args: argparse.Namespace) -> int:
         default = CandidateSpace()
         candidates = CandidateSpace(weight_methods=args.weight_methods or default.weight_methods,
                                     activation_methods=args.activation_methods or default.activation_methods)
+    adversarial = False if args.no_adversarial_calib else args.adversarial_calib
     result = quantize(
-        args.model,
-        args.output,
-        args.calib,
-        eps=args.eps,
-        norm=args.norm,
-        objective=args.objective,
-        avg_weight_bits=args.avg_weight_bits,
-        max_bytes=args.max_bytes,
-        adversarial_calib=args.adversarial_calib,
-        plan=args.plan,
-        baseline=args.baseline,
-        per_channel=True if args.per_channel else None,
-        input_shape=args.input_shape,
-        calib_limit=args.calib_limit,
-        allow_float=args.allow_float,
-        progress=not args.no_progress,
-        norm_max_spatial=args.norm_max_spatial,
-        candidates=candidates,
+        args.model, args.output, args.calib, eps=args.eps, norm=args.norm, objective=args.objective,
+        avg_weight_bits=args.avg_weight_bits, max_bytes=args.max_bytes, adversarial_calib=adversarial, plan=args.plan,
+        baseline=args.baseline, per_channel=True if args.per_channel else None, input_shape=args.input_shape,
+        output_name=args.output_name, input_range=args.input_range, calib_limit=args.calib_limit,
+        allow_float=args.allow_float, guard=not args.no_guard, metric_examples=args.metric_examples,
+        progress=not args.no_progress, candidates=candidates,
     )
-    rows = []
-    for lp in result.plan.layers:
-        w, a = lp.chosen.describe()
-        score = next((s for s in lp.scores if s.candidate == lp.chosen), None)
-        rows.append(
-            {
-                "layer": lp.name,
-                "weight": w,
-                "activation": a,
-                "L": lp.operator_norm,
-                "Lhat": None if score is None else score.lhat,
-                "adv": None if score is None else score.adversarial,
-                "quant": None if score is None else score.quantization,
-                "metric": None if score is None else score.metric,
-            }
-        )
-    cols = [
-        ("layer", "layer"), ("weight", "weight"), ("activation", "input activation"), ("L", "L"),
-        ("Lhat", "L̂"), ("adv", "adv term"), ("quant", "quant term"), ("metric", "metric"),
-    ]
-    print(format_table(rows, cols))
     plan = result.plan
-    print(
-        f"objective {plan.objective}, eps {plan.eps:.4g} (L{plan.norm}, L2 radius {plan.eps_l2:.4g}), "
-        f"network bound {plan.network_bound if plan.network_bound is None else format(plan.network_bound, '.4g')}, "
-        f"activation stats: {plan.activation_stats}"
-    )
-    print(
-        f"average weight bits {result.avg_weight_bits:.3g}; size {result.size_bytes} bytes "
-        f"(float {result.float_size_bytes}); {result.timings.get('total', 0.0):.1f} s"
-    )
+    ranges = plan.range_map()
+    rows = []
+    for lp in plan.layers:
+        w, a = lp.chosen.describe()
+        ws = next((s for s in lp.scores if s.setting == lp.chosen.weight), None)
+        r = ranges.get(lp.input)
+        acts = next((s for s in r.scores if s.setting == lp.chosen.activation), None) if r is not None else None
+        rows.append({"layer": lp.name, "weight": w, "activation": a,
+                     "wq": None if ws is None else ws.clean, "wa": None if ws is None else ws.adversarial,
+                     "aq": None if acts is None else acts.clean, "aa": None if acts is None else acts.adversarial})
+    cols = [("layer", "layer"), ("weight", "weight"), ("activation", "input activation"),
+            ("wq", "weight quant"), ("wa", "weight adv"), ("aq", "act quant"), ("aa", "act adv")]
+    print(format_table(rows, cols))
+    print(f"objective {plan.objective}, eps {plan.eps:.4g} (L{plan.norm}), input range {plan.input_range}, "
+          f"adversarial calibration: {plan.adversarial_calib}; terms in squared centred-logit units, measured on "
+          f"{plan.metric.get('examples', '?')} examples ({plan.metric.get('engine', '?')})")
+    if plan.guard is not None:
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in plan.guard.losses.items())
+        print(f"guard (measured calibration loss, lower is better): {losses}; kept {plan.guard.kept}")
+    agree = "not measured" if result.agreement is None else f"{result.agreement:.1%}"
+    print(f"average weight bits {result.avg_weight_bits:.3g}; size {result.size_bytes / 1024:.1f} KiB "
+          f"(float {result.float_size_bytes / 1024:.1f} KiB); top-1 agreement with float {agree}; "
+          f"{result.timings.get('total', 0.0):.1f} s")
     for w in result.warnings:
         print(f"note: {w}", file=sys.stderr)
     print(f"wrote {result.output}")
     print(f"wrote {result.plan_path}")
     if result.baseline_output is not None:
-        print(f"wrote {result.baseline_output} (onnxruntime {args.baseline})")
+        agree = "" if result.baseline_agreement is None else f", top-1 agreement with float {result.baseline_agreement:.1%}"
+        print(f"wrote {result.baseline_output} (onnxruntime {args.baseline}{agree})")
     if args.json:
         atomic_write_json(args.json, result.to_json())
         print(f"wrote {args.json}")

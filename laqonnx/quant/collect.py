@@ -31,7 +31,9 @@ def collect(
     (or ``(x, y)`` tuples, as :meth:`laqonnx.data.DataSource.batches` does); ``total`` is the
     number of examples, for the progress bar. Only one batch of activations is alive at a time.
     Tensors in ``minmax_only`` get no histogram (``TensorStats.histogram`` False): their range can
-    only be "minmax", and skipping the histogram roughly halves their cost.
+    only be "minmax", and skipping the histogram roughly halves their cost. A model whose input
+    declares a fixed batch size (often 1) runs each batch in chunks of that size; an integer input
+    is fed as the model's integer type.
     """
     import onnxruntime as ort
     from tqdm import tqdm
@@ -60,16 +62,32 @@ def collect(
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"onnxruntime cannot load the model for calibration: {exc}") from exc
     del copy
+    meta = session.get_inputs()[0]
+    fixed = meta.shape[0] if meta.shape and isinstance(meta.shape[0], int) and meta.shape[0] > 0 else None
+    dtype = np.float32 if "float" in meta.type else np.int64 if "int64" in meta.type else np.int32
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        if not fixed or len(x) == fixed:
+            return session.run(wanted, {feeds[0]: x})
+        parts = []
+        for i in range(0, len(x), fixed):
+            chunk = x[i:i + fixed]
+            n = len(chunk)
+            if n < fixed:  # pad with copies of the last example; the copies are cut off again
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+            parts.append([v[:n] for v in session.run(wanted, {feeds[0]: chunk})])
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(wanted))]
+
     collector = StatsCollector(bins)
     cheap = set(minmax_only)
     bar = tqdm(total=total, desc="calibrating", unit="ex", disable=not progress, file=sys.stderr, leave=False)
     try:
         for batch in batches:
-            x = np.ascontiguousarray(batch[0] if isinstance(batch, tuple) else batch, dtype=np.float32)
+            x = np.ascontiguousarray(batch[0] if isinstance(batch, tuple) else batch, dtype=dtype)
             if feeds[0] in tensors:
                 collector.update(feeds[0], x, feeds[0] not in cheap)
             if wanted:
-                for name, value in zip(wanted, session.run(wanted, {feeds[0]: x})):
+                for name, value in zip(wanted, run(x)):
                     collector.update(name, value, name not in cheap)
             bar.update(len(x))
     finally:

@@ -1,22 +1,71 @@
-"""The cost model of a budget and the choice under it: per candidate its cost (weight bits, or
-model bytes with the per-channel scales), one knapsack group per input tensor whose options are
-Pareto-pruned per activation setting, and :func:`choose`, which solves it with
-:func:`laqonnx.quant.select.select`."""
+"""Budgets, the cost model and the choice under a budget.
+
+A budget is a type: :class:`AvgBits` (parameter-weighted average weight bits over the weighted
+layers, float counted as 32) or :class:`MaxBytes` (the model's constants in bytes: quantized
+weights with their scales and zero points, plus every other initializer as it is). The choice is
+one knapsack group per layer-input tensor (its layers share one activation QDQ): an option is an
+activation setting of the tensor plus one weight setting per layer that reads it, valued at the
+activation's metric plus the weights' metrics; each layer's weight settings are Pareto-pruned
+first (exact). :func:`choose` solves it exactly with :func:`laqonnx.quant.select.select`.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from ..errors import PlanError
+from ..errors import OptionError, PlanError
 from ..graph import PreparedModel
-from .metric import Scored
+from .metric import LayerTerms, Scored, WeightScore
 from .numerics import PerChannel
 from .select import Group, Option, select
 
-__all__ = ["choose"]
+__all__ = ["AvgBits", "MaxBytes", "Budget", "Choice", "choose", "weight_bytes"]
+
+
+@dataclass(frozen=True)
+class AvgBits:
+    """At most ``bits`` weight bits per parameter on average (int8/int4 mix, float = 32)."""
+
+    bits: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and self.bits > 0):
+            raise OptionError(f"avg_weight_bits must be a number > 0, got {self.bits!r}")
+
+
+@dataclass(frozen=True)
+class MaxBytes:
+    """At most ``bytes`` bytes of model constants."""
+
+    bytes: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes <= 0:
+            raise OptionError(f"max_bytes must be a positive int, got {self.bytes!r}")
+
+
+Budget = AvgBits | MaxBytes
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Index of the chosen weight score per layer and activation score per tensor."""
+
+    weights: dict[str, int]
+    activations: dict[str, int]
+    cost: int
+    value: float
+
+
+def weight_bytes(params: int, bits: int, scales: int) -> int:
+    """Bytes of a weight: packed integers plus a float32 scale and an int8 zero point per scale."""
+    if bits == 32:
+        return 4 * params
+    return math.ceil(params * bits / 8) + scales * 5
 
 
 def _pareto(options: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
@@ -27,82 +76,71 @@ def _pareto(options: list[tuple[int, float, int]]) -> list[tuple[int, float, int
     return out
 
 
-def _byte_cost(params: int, bits: int, scales: int) -> int:
-    if bits == 32:
-        return 4 * params
-    return math.ceil(params * bits / 8) + scales * 5  # + float32 scale and int8 zero point each
-
-
-def _groups(scored: Scored, cost_of) -> tuple[list[Group], list[list[str]]]:
-    """One group per input tensor (its layers share one activation QDQ); options = (activation,
-    per-layer weight choice), each layer's weight choices Pareto-pruned per activation (exact)."""
-    by_input: dict[str, list[int]] = {}
-    for i, lt in enumerate(scored.layers):
-        by_input.setdefault(lt.layer.input, []).append(i)
+def _groups(scored: Scored, cost_of) -> tuple[list[Group], list[tuple[str, list[str]]]]:
+    by_input: dict[str, list[LayerTerms]] = {}
+    for lt in scored.layers:
+        by_input.setdefault(lt.layer.input, []).append(lt)
     groups, members = [], []
-    for tensor, idxs in by_input.items():
-        acts = list(dict.fromkeys(s.candidate.activation for s in scored.layers[idxs[0]].scores))
-        options = []
-        for a in acts:
-            fronts = []
-            for i in idxs:
-                lt = scored.layers[i]
-                fronts.append(_pareto([(cost_of(lt, s), s.metric, k) for k, s in enumerate(lt.scores) if s.candidate.activation == a]))
-            combos = [(0, 0.0, ())]
-            for front in fronts:
-                combos = [(c + fc, v + fv, key + (k,)) for c, v, key in combos for fc, fv, k in front]
-            options += [Option(c, v, key) for c, v, key in combos]
+    for tensor, terms in by_input.items():
+        fronts = [_pareto([(cost_of(lt, s), s.metric, k) for k, s in enumerate(lt.scores)]) for lt in terms]
+        combos: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+        for front in fronts:
+            combos = [(c + fc, v + fv, key + (k,)) for c, v, key in combos for fc, fv, k in front]
+        options = [Option(c, a.metric + v, (ai, key)) for ai, a in enumerate(scored.tensors[tensor]) for c, v, key in combos]
         groups.append(Group(tensor, tuple(options)))
-        members.append([scored.layers[i].layer.name for i in idxs])
+        members.append((tensor, [lt.layer.name for lt in terms]))
     return groups, members
 
 
-def choose(scored: Scored, pm: PreparedModel, avg_weight_bits: float | None, max_bytes: int | None) -> dict[str, int]:
-    """layer name -> index of the chosen score."""
-    if avg_weight_bits is not None:
-        total = sum(int(np.prod(lt.layer.weight_shape)) for lt in scored.layers)
-        budget, unit = int(math.floor(avg_weight_bits * total)), "weight bits"
+def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None):
+    total = sum(int(np.prod(lt.layer.weight_shape)) for lt in scored.layers)
+    if budget is None or isinstance(budget, AvgBits):
 
-        def cost_of(lt, s):
+        def cost_of(lt: LayerTerms, s: WeightScore) -> int:
             return s.cost_bits
-    elif max_bytes is not None:
-        layer_w = {lt.layer.weight for lt in scored.layers}
-        fixed = sum(
-            int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            for t in pm.model.graph.initializer
-            if t.name not in layer_w
-        )
-        budget, unit = int(max_bytes) - fixed, "bytes of weights"
 
-        def cost_of(lt, s):
-            w = s.candidate.weight
-            params = int(np.prod(lt.layer.weight_shape))
-            scales = lt.layer.weight_shape[lt.layer.channel_axis] if w is not None and isinstance(w.granularity, PerChannel) else 1
-            return _byte_cost(params, s.candidate.weight_bits, scales)
-    else:
-        budget, unit = None, ""
+        limit = None if budget is None else int(math.floor(budget.bits * total))
+        return cost_of, limit, "weight bits", 0
+    layer_w = {lt.layer.weight for lt in scored.layers}
+    fixed = sum(
+        int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        for t in pm.model.graph.initializer
+        if t.name not in layer_w
+    )
 
-        def cost_of(lt, s):
-            return s.cost_bits
+    def cost_bytes(lt: LayerTerms, s: WeightScore) -> int:
+        w = s.setting
+        params = int(np.prod(lt.layer.weight_shape))
+        scales = lt.layer.weight_shape[lt.layer.channel_axis] if w is not None and isinstance(w.granularity, PerChannel) else 1
+        return weight_bytes(params, 32 if w is None else w.bits, scales)
+
+    if budget.bytes - fixed < 0:
+        raise PlanError(f"--max-bytes {budget.bytes} is below the size of the model's other constants ({fixed} bytes)")
+    return cost_bytes, budget.bytes - fixed, "bytes of weights", fixed
+
+
+def choose(scored: Scored, pm: PreparedModel, budget: Budget | None = None) -> Choice:
+    """The settings minimising the summed metric, within ``budget`` (exact; PlanError if infeasible)."""
+    cost_of, limit, unit, fixed = _budget(scored, pm, budget)
     groups, members = _groups(scored, cost_of)
-    if budget is not None and budget < 0:
-        raise PlanError(f"--max-bytes {max_bytes} is below the size of the model's other constants ({max_bytes - budget} bytes)")
     try:
-        sel = select(groups, budget, unit=unit)
+        sel = select(groups, limit, unit=unit)
     except PlanError as exc:
-        if avg_weight_bits is not None:
+        floor = sum(min(o.cost for o in g.options) for g in groups)
+        if isinstance(budget, AvgBits):
             total = sum(int(np.prod(lt.layer.weight_shape)) for lt in scored.layers)
-            floor = sum(min(o.cost for o in g.options) for g in groups)
             raise PlanError(
-                f"--avg-weight-bits {avg_weight_bits:g} is infeasible: the minimum achievable with these candidates "
+                f"--avg-weight-bits {budget.bits:g} is infeasible: the minimum achievable with these candidates "
                 f"is {floor / total:.4g} bits"
             ) from exc
-        if max_bytes is not None:
-            floor = sum(min(o.cost for o in g.options) for g in groups) + (max_bytes - budget)
-            raise PlanError(f"--max-bytes {max_bytes} is infeasible: the minimum achievable is about {floor} bytes") from exc
+        if isinstance(budget, MaxBytes):
+            raise PlanError(f"--max-bytes {budget.bytes} is infeasible: the minimum achievable is about {floor + fixed} bytes") from exc
         raise
-    chosen: dict[str, int] = {}
-    for g, names, pick in zip(groups, members, sel.choice):
-        for name, k in zip(names, g.options[pick].key):
-            chosen[name] = k
-    return chosen
+    weights: dict[str, int] = {}
+    activations: dict[str, int] = {}
+    for g, (tensor, names), pick in zip(groups, members, sel.choice):
+        ai, key = g.options[pick].key
+        activations[tensor] = ai
+        for name, k in zip(names, key):
+            weights[name] = k
+    return Choice(weights, activations, sel.cost, sel.value)

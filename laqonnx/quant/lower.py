@@ -40,6 +40,7 @@ __all__ = [
     "lower",
     "quantized_tensors",
     "ort_baseline",
+    "drop_unused_initializers",
     "BASELINES",
 ]
 
@@ -225,7 +226,35 @@ def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
     quantizer.model.topological_sort()  # what quantize_static does when it saves; keeps onnx.checker happy
     out = quantizer.model.model
     out.producer_name = "laqonnx"
+    drop_unused_initializers(out)
     return out
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> int:
+    """Remove initializers no node (or subgraph) reads and no graph output names, in place (the
+    quantizer leaves the float weights it replaced; onnxruntime warns about each on every load).
+    Returns how many were removed."""
+    used: set[str] = {o.name for o in model.graph.output}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            used.update(n for n in node.input if n)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                for g in attr.graphs:
+                    visit(g)
+
+    visit(model.graph)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    gone = {t.name for t in model.graph.initializer} - {t.name for t in keep}
+    if gone:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        inputs = [i for i in model.graph.input if i.name not in gone]  # initializers listed as inputs (IR < 4)
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+    return len(gone)
 
 
 class _Reader:

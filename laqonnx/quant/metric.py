@@ -1,68 +1,43 @@
-"""The per-layer adversarial-aware metric of every candidate setting.
+"""The per-layer adversarial-aware metric (version 2): its options, candidates and scores.
 
-For layer ``l`` and candidate ``s`` = (weight setting, input-activation setting)::
+Every candidate setting of a layer (weight bits, granularity, range method; and of its input
+tensor: the activation range method) is scored by two data-dependent terms, both in squared
+centred-logit units (:mod:`laqonnx.quant.sensitivity` computes them):
 
-    M_l(s) = eps2 * D_l * (Lhat_l(s) - L_l)  +  G_l * q_l(s)
-    q_l(s) = ||T_l[W_l - Q_s(W_l)]||_2 * ||a_{l-1}||  +  Lhat_l(s) * e_l(s)
+* the **quantization term** ``E_x ||P J(x) delta(x)||^2``: the change the setting's error
+  ``delta`` makes to the logits on clean calibration points, through the local gain ``J`` from the
+  layer's output (or the tensor) to the logits at that point;
+* the **adversarial term** ``E ||P (J(x') delta(x') - J(x) delta(x))||^2`` over pairs of a clean
+  point and its PGD example ``x'`` on the float model: how much the setting changes the network's
+  response to the attack (the Lipschitz view at the scale the data show: it contains the change
+  of amplification ``J(x') T[dW] (a(x') - a(x))`` of the perturbation that actually reaches the
+  layer, and the error of ranges exceeded under attack).
 
-``L_l`` the layer's operator norm, ``Lhat_l(s)`` with quantized weights, ``G_l`` the bound from the
-layer's output to the network output, and ``D_l = dLambda/dL_l`` the derivative of the
-whole-network bound with respect to the layer's norm (a central difference of
-:func:`laqonnx.lipschitz.network_bounds`). On a chain ``D_l = Lambda / L_l``, so the first term is
-``eps * Lambda * (Lhat/L - 1)``; on residual graphs (Lambda multilinear in the norms,
-``D_l = G_l * U_l`` with ``U_l`` the bound up to the layer input) and through Concat
-(``sqrt(sum L^2)``, where ``G_l * U_l`` would overstate it) the derivative is the correct first-order
-coefficient, which is what makes the per-layer argmin minimise the linearised whole bound.
-``||a_{l-1}||`` is the per-example RMS L2 norm of the layer input and ``e_l(s)``
-the expected per-example L2 norm of its quantization error under the candidate's range, both from
-the calibration histograms (clean, or clean and adversarial merged into one histogram).
+Objectives: ``laq`` = quantization + ``adversarial_weight`` x adversarial (the default, weight 1);
+``mse`` = the quantization term only; ``lipschitz`` = the adversarial term only. Without adversarial
+examples (``eps = 0`` or adversarial calibration off) the adversarial term is 0 and ``laq`` equals
+``mse``. Linearised around the float network the measured loss of a quantized model (the same two
+quantities measured on its outputs through onnxruntime) is the sum of its layers' and tensors'
+terms, so choosing per layer (or under a budget, by the exact knapsack) minimises the prediction.
+The global Lipschitz bound is not used here: it stays ``laqonnx analyze``'s certificate.
 
-Threat model: norms are L2 operator norms, so an L-inf radius is converted to the L2 ball that
-contains the L-inf ball: ``eps2 = eps * sqrt(input size)``; ``--norm 2`` uses eps as is.
-
-Objectives: ``laq`` (both terms), ``mse`` (quantization term only), ``lipschitz`` (adversarial term
-only); ties go to the cheaper, then the earlier candidate. If the network bound is unknown (an op without a bound
-rule) the missing ``G_l`` are taken as 1 and ``D_l`` as ``prod(L) / L_l``, with a warning.
-
-How the norms are computed:
-
-- ``ObjectiveConfig.norm_max_spatial`` (default 32) caps the spatial size at which conv operator
-  norms are computed (all of them, float and quantized, so ratios and differences are
-  consistent); the zero-padded conv norm grows slowly with the size towards its periodic limit,
-  so a cap underestimates ``L_l`` a little.
-- The error norms ``||T_l[W_l - Q_s(W_l)]||`` are Lanczos lower bounds converged to a looser
-  relative tolerance, ``ObjectiveConfig.error_tol`` (default ``10 * tol``), warm-started from the
-  previous setting's error vector of the same layer; they only enter the quantization term.
-  ``L_l`` keeps ``tol``.
-- ``Lhat_l`` is exact on small layers (explicit SVD, weight matrices). On Lanczos layers a small
-  perturbation (``||T[W - Q(W)]|| <= first_order_max * L``, every int8 setting in practice) is
-  measured on the float top singular vector with one application of the map
-  (:func:`_quantized_norm`); larger perturbations (int4) run Lanczos warm-started from it.
-- Settings that quantize to identical weights share their norms (:func:`_effective_qparams`).
-
-The measurements behind these choices are in benchmarks/README.md ("History of the scoring cost").
-
-:class:`Candidate` (one setting of a layer) and :class:`Score` (its metric terms) are what the plan
-(:mod:`laqonnx.quant.plan`) records.
+:class:`Candidate` (a layer's chosen setting), :class:`WeightScore` and :class:`ActivationScore`
+(the terms of one candidate) are what the plan (:mod:`laqonnx.quant.plan`) records.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from .._util.threads import compute_threads
 from ..errors import OptionError
-from ..graph import Layer, PreparedModel
+from ..graph import Layer
 from ..vocab import ActivationMethod, Objective, ThreatNorm, WeightMethod
-from .numerics import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant, quantize_weight
+from .numerics import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant
 
-__all__ = ["OBJECTIVES", "Candidate", "Score", "ObjectiveConfig", "CandidateSpace", "LayerTerms", "Scored", "score_layers",
-           "eps_l2"]
+__all__ = ["OBJECTIVES", "Candidate", "WeightScore", "ActivationScore", "ObjectiveConfig", "CandidateSpace",
+           "LayerTerms", "Scored", "combine"]
 
 OBJECTIVES = Objective.values()
 
@@ -98,52 +73,69 @@ class Candidate:
         return w, f"{kind} {method}"
 
 
-@dataclass(frozen=True)
-class Score:
-    """A candidate's metric terms for one layer (the module docstring gives the formulas)."""
+def combine(objective: str, clean: float, adversarial: float | None, adversarial_weight: float = 1.0) -> float:
+    """The value an objective minimises from a candidate's two terms (None counts as 0)."""
+    adv = 0.0 if adversarial is None else float(adversarial)
+    if objective == Objective.MSE:
+        return float(clean)
+    if objective == Objective.LIPSCHITZ:
+        return adv
+    return float(clean) + float(adversarial_weight) * adv
 
-    candidate: Candidate
-    lhat: float  # operator norm with quantized weights
-    weight_error_norm: float  # ||T[W - Q(W)]||_2
-    activation_error: float  # e_l: expected per-example L2 norm of a - Q(a) of the layer input
-    adversarial: float  # eps_l2 * dLambda/dL_l * (Lhat - L)
-    quantization: float  # G_l * (||T[W - Q(W)]|| * ||a|| + Lhat * e)
+
+@dataclass(frozen=True)
+class WeightScore:
+    """The terms of one weight setting of a layer (None: left in float, no error)."""
+
+    setting: WeightQuant | None
+    clean: float  # quantization term: E ||P J T[dW] a||^2 on clean points
+    adversarial: float | None  # adversarial term over (clean, adversarial) pairs; None without them
     metric: float  # what the objective minimises
     cost_bits: int  # weight bits x parameters
 
 
 @dataclass(frozen=True)
+class ActivationScore:
+    """The terms of one activation setting of a tensor (shared by every layer that reads it)."""
+
+    setting: ActivationQuant
+    clean: float
+    adversarial: float | None
+    metric: float
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
+    """``objective``; the threat model (``eps`` in input units, ``norm``); ``adversarial_weight`` of
+    the adversarial term in ``laq``; ``metric_examples``: clean calibration examples (and as many
+    paired adversarial ones) on which the terms are measured; ``projections`` (None: exact logits up
+    to 16 classes, else 8 random projections); ``seed``."""
+
     objective: str = "laq"
     eps: float = 8 / 255
     norm: str = "inf"
-    norm_max_spatial: int | None = 32
-    tol: float = 1e-3
-    max_iter: int = 300
+    adversarial_weight: float = 1.0
+    metric_examples: int = 64
+    projections: int | None = None
     seed: int = 0
-    error_tol: float | None = None  # Lanczos tolerance of the error norms ||T[W - Q(W)]||; None: 10 * tol
-    # Lhat from one application on the float top vector when ||T[W - Q(W)]|| <= first_order_max * L
-    # (Lanczos layers only; 0 runs Lanczos for every setting). See _quantized_norm.
-    first_order_max: float = 0.02
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objective", Objective.check(self.objective, "objective"))
         object.__setattr__(self, "norm", ThreatNorm.check(self.norm, "norm"))
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+        if isinstance(self.eps, bool) or not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
             raise OptionError(f"eps must be a finite number >= 0, got {self.eps!r}")
-        if self.norm_max_spatial is not None and (not isinstance(self.norm_max_spatial, int) or self.norm_max_spatial < 1):
-            raise OptionError(f"norm_max_spatial must be None or an int >= 1, got {self.norm_max_spatial!r}")
-        if self.tol <= 0 or self.max_iter < 1:
-            raise OptionError("tol must be > 0 and max_iter >= 1")
-        if not (isinstance(self.first_order_max, (int, float)) and 0 <= self.first_order_max < 1):
-            raise OptionError(f"first_order_max must be in [0, 1), got {self.first_order_max!r}")
-        if self.error_tol is not None and not (isinstance(self.error_tol, (int, float)) and 0 < self.error_tol < 1):
-            raise OptionError(f"error_tol must be None or in (0, 1), got {self.error_tol!r}")
+        w = self.adversarial_weight
+        if isinstance(w, bool) or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise OptionError(f"adversarial_weight must be a finite number >= 0, got {w!r}")
+        m = self.metric_examples
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise OptionError(f"metric_examples must be a positive int, got {m!r}")
+        p = self.projections
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise OptionError(f"projections must be None or a positive int, got {p!r}")
 
-    @property
-    def error_norm_tol(self) -> float:
-        """Relative Lanczos tolerance of the error norms (``error_tol``, default ``10 * tol``)."""
-        return float(self.error_tol) if self.error_tol is not None else min(10.0 * self.tol, 0.5)
+    def value(self, clean: float, adversarial: float | None, objective: str | None = None) -> float:
+        return combine(objective or self.objective, clean, adversarial, self.adversarial_weight)
 
 
 @dataclass(frozen=True)
@@ -193,200 +185,37 @@ class CandidateSpace:
         )
 
 
-def eps_l2(config: ObjectiveConfig, input_shape: Sequence[int]) -> float:
-    """The L2 radius the Lipschitz bounds use: eps for L2, eps * sqrt(input size) for L-inf."""
-    if config.norm == "2":
-        return float(config.eps)
-    return float(config.eps) * math.sqrt(float(np.prod(input_shape[1:])))
-
-
 @dataclass(frozen=True)
 class LayerTerms:
-    """Network-level quantities of one layer and the scores of its candidates."""
+    """One layer's weight candidates and their scores (and the qparams computed while scoring)."""
 
     layer: Layer
-    operator_norm: float
-    gain: float
-    derivative: float  # dLambda / dL_l
-    input_norm: float
-    scores: tuple[Score, ...]
+    scores: tuple[WeightScore, ...]
     qparams: Mapping[WeightQuant, QParams] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class Scored:
-    network_bound: float | None
-    eps_l2: float
+    """Everything :func:`laqonnx.quant.scoring.score_layers` measured."""
+
     layers: tuple[LayerTerms, ...]
-    warnings: tuple[str, ...]
-    norm_method: str
+    tensors: Mapping[str, tuple[ActivationScore, ...]]  # layer-input tensor -> its activation candidates
+    warnings: tuple[str, ...] = ()
+    engine: str = "mirror"  # how the terms were measured (see the plan's settings)
+    projections: int = 0
+    exact: bool = True
+    examples: int = 0
+    adversarial: bool = False
 
+    def rescored(self, config: ObjectiveConfig, objective: str) -> "Scored":
+        """The same terms with ``metric`` recomputed for another objective (the ablations)."""
+        import dataclasses
 
-def _capped(layer: Layer, cap: int | None) -> Layer:
-    shape = layer.input_shape
-    if cap is None or shape is None or layer.op_type not in ("Conv", "ConvTranspose") or len(shape) < 3:
-        return layer
-    spatial = tuple(min(int(s), cap) for s in shape[2:])
-    if spatial == tuple(shape[2:]):
-        return layer
-    return dataclasses.replace(layer, input_shape=(1, shape[1], *spatial), output_shape=None)
-
-
-def _derivatives(pm: PreparedModel, norms: Mapping[str, float], lam: float | None, network_bounds) -> dict[str, float]:
-    """dLambda/dL_l by a central difference of the whole-network bound (exact up to rounding where
-    Lambda is multilinear in the layer norms: chains and residual sums; first order through Concat)."""
-    if lam is None:
-        return {}
-    out: dict[str, float] = {}
-    for name, L in norms.items():
-        h = 1e-4 * max(L, 1e-12)
-        hi = network_bounds(pm, {**norms, name: L + h}).network_bound
-        lo = network_bounds(pm, {**norms, name: max(L - h, 0.0)}).network_bound
-        if hi is not None and lo is not None:
-            out[name] = (hi - lo) / (L + h - max(L - h, 0.0))
-    return out
-
-
-def _metric(objective: str, adversarial: float, quantization: float) -> float:
-    if objective == "laq":
-        return adversarial + quantization
-    if objective == "mse":
-        return quantization
-    return adversarial
-
-
-def _quantized_norm(layer: Layer, base, float_gain: float | None, wq: np.ndarray, error_norm: float, first_order_max: float,
-                    opts: Mapping) -> float:
-    """``Lhat = ||T[Q(W)]||``, warm-started from the float top vector ``v = base.vector``.
-
-    Exact (explicit SVD / weight matrix) layers are recomputed exactly. For Lanczos layers with a
-    small perturbation, ``||T[W - Q(W)]|| <= first_order_max * L``, the change is taken on ``v``
-    itself: ``Lhat = L + ||T[Q(W)] v|| - ||T[W] v||`` (``float_gain = ||T[W] v||``, None where not Lanczos), which is ``L + u^T T[Q(W) - W] v`` plus a
-    second-order term (``u = T[W] v / L``). Weyl bounds the whole change by the error norm, and the
-    neglected part is second order in it; re-running Lanczos to ``tol`` would instead add an error
-    of about ``tol * L``, larger than the int8 change itself (ResNet-18, tol 1e-3: the sign of
-    ``Lhat - L`` flipped on most int8 settings against converged Lanczos; the one-step value
-    stayed within 4e-5 * L of it). Larger perturbations (int4) run Lanczos from ``v``.
-    """
-    from ..lipschitz import image_norm, operator_norm
-
-    if float_gain is not None and error_norm <= first_order_max * base.value:
-        return base.value + image_norm(layer, wq, base.vector) - float_gain
-    return operator_norm(layer, wq, init=base.vector, **opts).value
-
-
-def _effective_qparams(qp: QParams, shape: Sequence[int], channel_axis: int) -> tuple:
-    """A key equal for two weight settings when they quantize every output channel with the same
-    scale, zero point and type, so give the same fake-quantized weight (per-tensor parameters
-    broadcast to the channels, so per-tensor and an all-equal per-channel setting meet). Equal keys
-    imply equal weights; the converse can fail (an all-zero channel quantizes to zeros at any
-    scale), which only costs a norm computed twice."""
-    channels = int(shape[channel_axis % len(shape)]) if len(shape) else 1
-    scale = np.broadcast_to(np.asarray(qp.scale, dtype=np.float32).reshape(-1), (channels,))
-    zp = np.broadcast_to(np.asarray(qp.zero_point, dtype=np.int64).reshape(-1), (channels,))
-    return qp.bits, qp.signed, scale.tobytes(), zp.tobytes()
-
-
-def score_layers(
-    pm: PreparedModel,
-    stats: Mapping[str, object],
-    config: ObjectiveConfig,
-    space: CandidateSpace,
-    *,
-    weight_bits: Sequence[int] | None = None,
-    progress: bool = True,
-) -> Scored:
-    """Score every candidate of every layer. ``stats``: calibration stats per tensor
-    (:func:`laqonnx.quant.collect.collect`), covering every layer input. ``weight_bits`` restricts the
-    weight candidates (e.g. ``(8,)`` without a budget; 32 means float when allowed)."""
-    with compute_threads():
-        return _score_layers(pm, stats, config, space, weight_bits, progress)
-
-
-def _score_layers(pm, stats, config, space, weight_bits, progress) -> Scored:
-    from tqdm.auto import tqdm
-
-    from ..lipschitz import image_norm, network_bounds, operator_norm
-    from .ranges import activation_error, activation_norm, activation_range
-
-    opts = dict(tol=config.tol, max_iter=config.max_iter, seed=config.seed)
-    err_opts = {**opts, "tol": config.error_norm_tol}
-    acts = space.activation_settings()
-    warnings: list[str] = []
-    # float norms, then the whole-network quantities
-    capped = {layer.name: _capped(layer, config.norm_max_spatial) for layer in pm.layers}
-    base = {}
-    bar = tqdm(total=2 * len(pm.layers), desc="operator norms", unit="layer", disable=not progress, leave=False)
-    for layer in pm.layers:
-        base[layer.name] = operator_norm(capped[layer.name], pm.weight(layer), **opts)
-        bar.update(1)
-    norms = {name: n.value for name, n in base.items()}
-    bounds = network_bounds(pm, norms)
-    lam = bounds.network_bound
-    if lam is None or any(bounds.gains.get(layer.name) is None for layer in pm.layers):
-        why = ", ".join(bounds.unknown_ops) or "unknown"
-        warnings.append(
-            f"the whole-network bound is unknown (no bound rule for: {why}); missing gains are taken as 1 "
-            f"and dLambda/dL_l as prod(L)/L_l"
+        layers = tuple(
+            dataclasses.replace(lt, scores=tuple(dataclasses.replace(s, metric=config.value(s.clean, s.adversarial, objective))
+                                                 for s in lt.scores))
+            for lt in self.layers
         )
-    prod_l = float(np.prod([max(v, 1e-30) for v in norms.values()]))
-    derivs = _derivatives(pm, norms, lam, network_bounds)
-    e2 = eps_l2(config, pm.input_shape)
-    if config.norm_max_spatial is not None and any(capped[n] is not layer for n, layer in zip(capped, pm.layers)):
-        warnings.append(f"conv operator norms computed at spatial size <= {config.norm_max_spatial} (norm_max_spatial)")
-
-    # activation terms per input tensor and setting, computed once
-    act_terms: dict[tuple[str, ActivationQuant], float] = {}
-    in_norm: dict[str, float] = {}
-    for layer in pm.layers:
-        st = stats[layer.input]
-        in_norm.setdefault(layer.input, float(activation_norm(st)))
-        for a in acts:
-            key = (layer.input, a)
-            if key not in act_terms:
-                rmin, rmax = activation_range(st, a)
-                act_terms[key] = float(activation_error(st, rmin, rmax, a))
-
-    out: list[LayerTerms] = []
-    for layer in pm.layers:
-        L = norms[layer.name]
-        gain = bounds.gains.get(layer.name)
-        G = 1.0 if gain is None else float(gain)
-        D = derivs.get(layer.name)
-        if D is None:
-            D = prod_l / max(L, 1e-30)
-        w = pm.weight(layer)
-        weight_terms: list[tuple[WeightQuant | None, float, float]] = []
-        qparams: dict[WeightQuant, QParams] = {}
-        seen: dict[tuple, tuple[float, float]] = {}
-        err_init = None  # error norms warm-start from the previous setting's error vector
-        b = base[layer.name]
-        float_gain = image_norm(capped[layer.name], w, b.vector) if b.method == "lanczos" and b.vector is not None else None
-        for ws in space.weight_settings(layer.channel_axis, weight_bits):
-            if ws is None:
-                weight_terms.append((None, L, 0.0))
-                continue
-            wq, qparams[ws] = quantize_weight(w, ws)
-            key = _effective_qparams(qparams[ws], w.shape, layer.channel_axis)
-            if key not in seen:  # settings that quantize to the same weights share their norms
-                dn = operator_norm(capped[layer.name], w - wq, init=err_init, **err_opts)
-                err_init = dn.vector
-                seen[key] = (_quantized_norm(capped[layer.name], b, float_gain, wq, dn.value, config.first_order_max, opts), dn.value)
-            weight_terms.append((ws, *seen[key]))
-        scores = []
-        params = int(np.prod(layer.weight_shape))
-        anorm = in_norm[layer.input]
-        for ws, lhat, dnorm in weight_terms:
-            for a in acts:
-                e = act_terms[(layer.input, a)]
-                adv = e2 * D * (lhat - L)
-                quant = G * (dnorm * anorm + lhat * e)
-                cand = Candidate(ws, a)
-                scores.append(
-                    Score(cand, lhat, dnorm, e, adv, quant, _metric(config.objective, adv, quant), cand.weight_bits * params)
-                )
-        out.append(LayerTerms(layer, L, G, D, anorm, tuple(scores), qparams))
-        bar.update(1)
-    bar.close()
-    methods = sorted({n.method for n in base.values()})
-    return Scored(lam, e2, tuple(out), tuple(warnings), "/".join(methods))
+        tensors = {t: tuple(dataclasses.replace(s, metric=config.value(s.clean, s.adversarial, objective)) for s in scores)
+                   for t, scores in self.tensors.items()}
+        return dataclasses.replace(self, layers=layers, tensors=tensors)

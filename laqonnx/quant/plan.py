@@ -1,10 +1,13 @@
 """The quantization plan: frozen dataclasses and a versioned JSON round trip.
 
-A plan records, per weighted layer, the chosen setting and every scored candidate's metric
-terms, plus the activation range of every tensor that gets a QDQ pair. It is written beside the
-quantized model as ``OUT.plan.json``; a user may edit a layer's ``chosen`` block and re-apply it
-with ``--plan``. Re-applying validates the plan against the model (format version, model hash,
-layer names, settings, per-channel axes) and raises :class:`PlanError` on a mismatch.
+A plan records, per weighted layer, the chosen setting and every scored weight candidate's terms;
+per tensor with a QDQ pair, its activation setting and range (and, for layer inputs, every scored
+activation candidate); the guard's measured comparison of the chosen plan with its alternatives;
+and the post-write check. It is written beside the quantized model as ``OUT.plan.json``; a user may
+edit a layer's ``chosen`` block and re-apply it with ``--plan``. Re-applying validates the plan
+against the model (format version, model hash, layer names, settings, per-channel axes) and raises
+:class:`PlanError` on a mismatch. Version-1 plans (the first metric) are read for their chosen
+settings and ranges; their scores are dropped.
 
 Activation ranges are stored, so a re-apply without calibration data works; with ``--calib`` they
 are recomputed from the new data with each tensor's setting. A layer whose activation setting was
@@ -12,21 +15,26 @@ edited needs ``--calib`` (its stored range was computed with the old setting). W
 derived from the model weights and the setting: they are written for review and recomputed on
 re-apply (so editing a setting is enough).
 
-JSON schema (``format: "laqonnx.plan"``, ``version: 1``)::
+JSON schema (``format: "laqonnx.plan"``, ``version: 2``)::
 
     {"format", "version", "model": {"sha256", "input_name", "input_shape"},
-     "settings": {"objective", "eps", "norm", "eps_l2", "avg_weight_bits", "max_bytes",
-                  "adversarial_calib", "activation_stats"},
-     "network_bound": float | null, "warnings": [str],
+     "settings": {"objective", "eps", "norm", "input_range": [lo, hi] | null, "avg_weight_bits",
+                  "max_bytes", "adversarial_calib": str, "activation_stats": str,
+                  "metric": {"engine", "examples", "projections", "exact", "adversarial_weight"}},
+     "guard": {"kept", "examples", "losses": {name: float}} | null,
+     "check": {"agreement", "examples"} | null, "warnings": [str],
      "layers": [{"name", "op_type", "weight", "input", "params", "channel_axis",
-                 "operator_norm", "gain", "lipschitz_derivative", "input_norm",
                  "chosen": CANDIDATE, "weight_scale": [float] | null, "weight_zero_point": [int] | null,
-                 "candidates": [CANDIDATE + {"lhat", "weight_error_norm", "activation_error",
-                                             "adversarial", "quantization", "metric", "cost_bits"}]}],
-     "ranges": [{"tensor", "activation": ACTIVATION, "rmin", "rmax"}]}
+                 "candidates": [{"weight": WEIGHT | null, "clean", "adversarial", "metric", "cost_bits"}]}],
+     "ranges": [{"tensor", "activation": ACTIVATION, "rmin", "rmax",
+                 "candidates": [{"activation": ACTIVATION, "clean", "adversarial", "metric"}]}]}
     CANDIDATE  = {"weight": WEIGHT | null (float), "activation": ACTIVATION}
     WEIGHT     = {"bits": 8|4, "granularity": "per_tensor"|"per_channel", "method", "percentile"}
     ACTIVATION = {"bits": 8|16, "method", "percentile", "symmetric"}
+
+``clean`` and ``adversarial`` are the metric's quantization and adversarial terms (squared
+centred-logit units, see :mod:`laqonnx.quant.metric`); ``adversarial`` is null without
+adversarial calibration.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError
-from .metric import Candidate, Score
+from .metric import ActivationScore, Candidate, WeightScore
 from .numerics import ActivationQuant, PerChannel, PerTensor, WeightQuant
 
 __all__ = [
@@ -48,6 +56,7 @@ __all__ = [
     "PLAN_VERSION",
     "LayerPlan",
     "TensorRange",
+    "GuardResult",
     "Plan",
     "weight_to_json",
     "weight_from_json",
@@ -56,7 +65,8 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "laqonnx.plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+_READABLE = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -68,11 +78,7 @@ class LayerPlan:
     params: int
     channel_axis: int
     chosen: Candidate
-    operator_norm: float | None = None
-    gain: float | None = None
-    lipschitz_derivative: float | None = None
-    input_norm: float | None = None
-    scores: tuple[Score, ...] = ()
+    scores: tuple[WeightScore, ...] = ()
     weight_scale: tuple[float, ...] | None = None
     weight_zero_point: tuple[int, ...] | None = None
 
@@ -85,12 +91,30 @@ class TensorRange:
     activation: ActivationQuant
     rmin: float
     rmax: float
+    scores: tuple[ActivationScore, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rmin, (int, float)) and isinstance(self.rmax, (int, float))):
             raise ValueError(f"range of {self.tensor!r} must be numbers")
         if not (float("-inf") < self.rmin <= self.rmax < float("inf")):
             raise ValueError(f"invalid range [{self.rmin}, {self.rmax}] for tensor {self.tensor!r}")
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The guard's comparison: the measured calibration loss of each alternative plan (through
+    onnxruntime), and which one was kept (the lowest)."""
+
+    kept: str
+    losses: Mapping[str, float]
+    examples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kept": self.kept, "examples": self.examples, "losses": {k: float(v) for k, v in self.losses.items()}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GuardResult:
+        return cls(str(d["kept"]), {str(k): float(v) for k, v in d["losses"].items()}, int(d.get("examples", 0)))
 
 
 @dataclass(frozen=True)
@@ -103,12 +127,14 @@ class Plan:
     objective: str = "laq"
     eps: float = 0.0
     norm: str = "inf"
-    eps_l2: float = 0.0
+    input_range: tuple[float, float] | None = None
     avg_weight_bits: float | None = None
     max_bytes: int | None = None
-    adversarial_calib: bool = False
+    adversarial_calib: str = "off"
     activation_stats: str = "clean"
-    network_bound: float | None = None
+    metric: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    guard: GuardResult | None = None
+    check: Mapping[str, Any] | None = None
     warnings: tuple[str, ...] = ()
     version: int = PLAN_VERSION
 
@@ -182,25 +208,24 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
-            "version": self.version,
+            "version": PLAN_VERSION,
             "model": {"sha256": self.model_sha256, "input_name": self.input_name, "input_shape": list(self.input_shape)},
             "settings": {
                 "objective": self.objective,
                 "eps": self.eps,
                 "norm": self.norm,
-                "eps_l2": self.eps_l2,
+                "input_range": None if self.input_range is None else list(self.input_range),
                 "avg_weight_bits": self.avg_weight_bits,
                 "max_bytes": self.max_bytes,
                 "adversarial_calib": self.adversarial_calib,
                 "activation_stats": self.activation_stats,
+                "metric": dict(self.metric),
             },
-            "network_bound": self.network_bound,
+            "guard": None if self.guard is None else self.guard.to_json(),
+            "check": None if self.check is None else dict(self.check),
             "warnings": list(self.warnings),
             "layers": [_layer_to_json(lp) for lp in self.layers],
-            "ranges": [
-                {"tensor": r.tensor, "activation": activation_to_json(r.activation), "rmin": r.rmin, "rmax": r.rmax}
-                for r in self.ranges
-            ],
+            "ranges": [_range_to_json(r) for r in self.ranges],
         }
 
     @classmethod
@@ -286,7 +311,8 @@ def _candidate_from_json(d: Mapping[str, Any], axis: int) -> Candidate:
     return Candidate(weight_from_json(d["weight"], axis), activation_from_json(d["activation"]))
 
 
-_SCORE_FIELDS = ("lhat", "weight_error_norm", "activation_error", "adversarial", "quantization", "metric")
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 def _layer_to_json(lp: LayerPlan) -> dict[str, Any]:
@@ -297,30 +323,36 @@ def _layer_to_json(lp: LayerPlan) -> dict[str, Any]:
         "input": lp.input,
         "params": lp.params,
         "channel_axis": lp.channel_axis,
-        "operator_norm": lp.operator_norm,
-        "gain": lp.gain,
-        "lipschitz_derivative": lp.lipschitz_derivative,
-        "input_norm": lp.input_norm,
         "chosen": _candidate_to_json(lp.chosen),
         "weight_scale": None if lp.weight_scale is None else list(lp.weight_scale),
         "weight_zero_point": None if lp.weight_zero_point is None else list(lp.weight_zero_point),
         "candidates": [
-            {**_candidate_to_json(s.candidate), **{f: getattr(s, f) for f in _SCORE_FIELDS}, "cost_bits": s.cost_bits}
+            {"weight": weight_to_json(s.setting), "clean": s.clean, "adversarial": s.adversarial, "metric": s.metric,
+             "cost_bits": s.cost_bits}
             for s in lp.scores
         ],
     }
 
 
-def _opt_float(v: Any) -> float | None:
-    return None if v is None else float(v)
+def _range_to_json(r: TensorRange) -> dict[str, Any]:
+    out: dict[str, Any] = {"tensor": r.tensor, "activation": activation_to_json(r.activation), "rmin": r.rmin, "rmax": r.rmax}
+    if r.scores:
+        out["candidates"] = [
+            {"activation": activation_to_json(s.setting), "clean": s.clean, "adversarial": s.adversarial, "metric": s.metric}
+            for s in r.scores
+        ]
+    return out
 
 
-def _layer_from_json(d: Mapping[str, Any]) -> LayerPlan:
+def _layer_from_json(d: Mapping[str, Any], version: int) -> LayerPlan:
     axis = int(d.get("channel_axis", 0))
-    scores = tuple(
-        Score(candidate=_candidate_from_json(s, axis), cost_bits=int(s["cost_bits"]), **{f: float(s[f]) for f in _SCORE_FIELDS})
-        for s in d.get("candidates", [])
-    )
+    scores: tuple[WeightScore, ...] = ()
+    if version >= 2:
+        scores = tuple(
+            WeightScore(weight_from_json(s["weight"], axis), float(s["clean"]), _opt_float(s.get("adversarial")),
+                        float(s["metric"]), int(s["cost_bits"]))
+            for s in d.get("candidates", [])
+        )
     ws, wz = d.get("weight_scale"), d.get("weight_zero_point")
     return LayerPlan(
         name=str(d["name"]),
@@ -330,46 +362,59 @@ def _layer_from_json(d: Mapping[str, Any]) -> LayerPlan:
         params=int(d["params"]),
         channel_axis=axis,
         chosen=_candidate_from_json(d["chosen"], axis),
-        operator_norm=_opt_float(d.get("operator_norm")),
-        gain=_opt_float(d.get("gain")),
-        lipschitz_derivative=_opt_float(d.get("lipschitz_derivative")),
-        input_norm=_opt_float(d.get("input_norm")),
         scores=scores,
         weight_scale=None if ws is None else tuple(float(x) for x in ws),
         weight_zero_point=None if wz is None else tuple(int(x) for x in wz),
     )
 
 
+def _range_from_json(r: Mapping[str, Any], version: int) -> TensorRange:
+    scores: tuple[ActivationScore, ...] = ()
+    if version >= 2:
+        scores = tuple(
+            ActivationScore(activation_from_json(s["activation"]), float(s["clean"]), _opt_float(s.get("adversarial")),
+                            float(s["metric"]))
+            for s in r.get("candidates", [])
+        )
+    try:
+        return TensorRange(str(r["tensor"]), activation_from_json(r["activation"]), float(r["rmin"]), float(r["rmax"]), scores)
+    except ValueError as exc:
+        raise PlanError(f"bad range in plan: {exc}") from exc
+
+
 def _plan_from_json(d: Mapping[str, Any]) -> Plan:
     if not isinstance(d, Mapping) or d.get("format") != PLAN_FORMAT:
         raise PlanError(f"not a laqonnx plan (expected \"format\": \"{PLAN_FORMAT}\")")
-    if d.get("version") != PLAN_VERSION:
-        raise PlanError(f"unsupported plan version {d.get('version')!r} (this laqonnx reads version {PLAN_VERSION})")
+    version = d.get("version")
+    if version not in _READABLE:
+        raise PlanError(f"unsupported plan version {version!r} (this laqonnx reads versions {', '.join(map(str, _READABLE))})")
     model, settings = d["model"], d.get("settings", {})
-    ranges = []
-    for r in d.get("ranges", []):
-        try:
-            ranges.append(TensorRange(str(r["tensor"]), activation_from_json(r["activation"]), float(r["rmin"]), float(r["rmax"])))
-        except ValueError as exc:
-            raise PlanError(f"bad range in plan: {exc}") from exc
     mb = settings.get("max_bytes")
     awb = settings.get("avg_weight_bits")
+    rng = settings.get("input_range")
+    adv = settings.get("adversarial_calib", "off")
+    if isinstance(adv, bool):  # version 1
+        adv = "generated" if adv else "off"
+    warnings = tuple(str(w) for w in d.get("warnings", []))
+    if version == 1:
+        warnings += ("read from a version-1 plan: its scores (the first metric) were dropped",)
     return Plan(
         model_sha256=str(model["sha256"]),
         input_name=str(model["input_name"]),
         input_shape=tuple(int(x) for x in model["input_shape"]),
-        layers=tuple(_layer_from_json(lp) for lp in d["layers"]),
-        ranges=tuple(ranges),
+        layers=tuple(_layer_from_json(lp, version) for lp in d["layers"]),
+        ranges=tuple(_range_from_json(r, version) for r in d.get("ranges", [])),
         objective=str(settings.get("objective", "laq")),
         eps=float(settings.get("eps", 0.0)),
         norm=str(settings.get("norm", "inf")),
-        eps_l2=float(settings.get("eps_l2", 0.0)),
+        input_range=None if rng is None else (float(rng[0]), float(rng[1])),
         avg_weight_bits=None if awb is None else float(awb),
         max_bytes=None if mb is None else int(mb),
-        adversarial_calib=bool(settings.get("adversarial_calib", False)),
+        adversarial_calib=str(adv),
         activation_stats=str(settings.get("activation_stats", "clean")),
-        network_bound=_opt_float(d.get("network_bound")),
-        warnings=tuple(str(w) for w in d.get("warnings", [])),
-        version=int(d["version"]),
+        metric=dict(settings.get("metric", {})),
+        guard=None if d.get("guard") is None else GuardResult.from_json(d["guard"]),
+        check=None if d.get("check") is None else dict(d["check"]),
+        warnings=warnings,
+        version=PLAN_VERSION,
     )
-

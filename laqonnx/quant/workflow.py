@@ -1,17 +1,21 @@
-"""The ``quantize`` pipeline: load -> calibrate -> score -> select -> plan -> lower -> write.
+"""The ``quantize`` workflow: :func:`plan_model` then :func:`apply_plan`, or :func:`quantize` for both.
 
-:func:`quantize` is the public API behind ``laqonnx quantize``. It writes the QDQ model, its plan
-(``OUT`` with suffix ``.plan.json``) and, with ``baseline=``, onnxruntime's plain
-``quantize_static`` model on the same calibration data (``OUT`` with suffix ``.<baseline>.onnx``).
-Outputs are written atomically after everything succeeded; the input model is never modified.
+:func:`plan_model` (:mod:`.planning`) chooses the settings; :func:`apply_plan` lowers a plan through
+onnxruntime's quantizer, **loads and runs the written model in onnxruntime** on calibration
+examples (top-1 agreement with the float model is measured and recorded; a model onnxruntime
+refuses is never written), and writes the QDQ model, its plan (``OUT.plan.json``) and, with
+``baseline=``, onnxruntime's plain ``quantize_static`` model on the same calibration data
+(``OUT.<baseline>.onnx``, checked the same way). Outputs are written atomically after everything
+succeeded; the input model is never modified. The written model keeps the user's input and
+outputs (names, batch size); it is the working copy of intake (opset >= 13, constants folded).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,26 +24,31 @@ import numpy as np
 import onnx
 
 from .._util.io import atomic_write_json, check_output_path, save_model
-from .._util.threads import compute_threads
 from ..errors import DataError, OptionError, PlanError
 from ..graph import PreparedModel, load_model
-from .costs import choose
-from .lower import BASELINES, LoweringSpec, lower, ort_baseline, quantized_tensors
-from .metric import CandidateSpace, ObjectiveConfig, score_layers
-from .numerics import PerChannel, PerTensor, weight_qparams
-from .plan import LayerPlan, Plan, TensorRange
+from ..vocab import Baseline
+from .adversarial import FromData, Generated, Off
+from .costs import AvgBits, MaxBytes
+from .guard import OrtRunner, logits_view
+from .lower import drop_unused_initializers, lower, ort_baseline, quantized_tensors
+from .metric import CandidateSpace
+from .numerics import PerChannel, PerTensor
+from .plan import Plan
+from .planning import QuantizeOptions, lowering_spec, model_sha256, plan_model
 
-__all__ = ["quantize", "QuantizeResult", "plan_path_for", "INT4_NOTE"]
+__all__ = ["quantize", "plan_model", "apply_plan", "QuantizeResult", "QuantizeOptions", "plan_path_for", "INT4_NOTE",
+           "AGREEMENT_WARNING"]
 
 INT4_NOTE = (
     "int4 weights are not fused into onnxruntime's int8 CPU kernels: int4 layers run ~4x slower than int8"
 )
-_BATCH = 32
+AGREEMENT_WARNING = 0.9  # below this top-1 agreement with the float model, the result warns loudly
+_CHECK_EXAMPLES = 256
 
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    """What :func:`quantize` wrote and measured."""
+    """What was written and measured."""
 
     output: Path
     plan_path: Path
@@ -47,8 +56,10 @@ class QuantizeResult:
     avg_weight_bits: float  # parameter-weighted over the weighted layers, float counted as 32
     size_bytes: int  # the written model file
     float_size_bytes: int  # the float model, serialized
+    agreement: float | None = None  # top-1 agreement with the float model on calibration examples (onnxruntime)
     timings: Mapping[str, float] = field(default_factory=dict)  # seconds per stage
     baseline_output: Path | None = None
+    baseline_agreement: float | None = None
     warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -59,6 +70,9 @@ class QuantizeResult:
             "avg_weight_bits": self.avg_weight_bits,
             "size_bytes": self.size_bytes,
             "float_size_bytes": self.float_size_bytes,
+            "agreement": self.agreement,
+            "baseline_agreement": self.baseline_agreement,
+            "guard": None if self.plan.guard is None else self.plan.guard.to_json(),
             "timings": dict(self.timings),
             "warnings": list(self.warnings),
             "layers": [
@@ -78,7 +92,9 @@ def _baseline_path(output: Path, baseline: str) -> Path:
     return output.with_name((output.stem if output.suffix == ".onnx" else output.name) + f".{baseline}.onnx")
 
 
-def _model_bytes(model: str | os.PathLike[str] | onnx.ModelProto) -> bytes:
+def _model_bytes(model: Any) -> bytes:
+    if isinstance(model, PreparedModel):
+        return model.model.SerializeToString()
     if isinstance(model, onnx.ModelProto):
         return model.SerializeToString()
     try:
@@ -87,292 +103,131 @@ def _model_bytes(model: str | os.PathLike[str] | onnx.ModelProto) -> bytes:
         return b""  # load_model reports the missing/unreadable model with a ModelError
 
 
-# ------------------------------------------------------------------------------ calibration
+def _check(pm: PreparedModel, qmodel: onnx.ModelProto, x: np.ndarray | None, what: str) -> float | None:
+    """Load ``qmodel`` in onnxruntime and run it (raises ModelError if it cannot); top-1 agreement
+    with the float model on ``x`` (None without data: then it runs once on zeros)."""
+    fixed = getattr(pm, "fixed_batch", None)
+    try:
+        run = OrtRunner(logits_view(qmodel, pm.output_name), pm.input_name, fixed)
+    except Exception as exc:
+        raise type(exc)(f"the {what} does not load in onnxruntime, so it was not written: {exc}") from exc
+    if x is None or not len(x):
+        dtype = np.dtype(getattr(pm, "input_dtype", np.float32))
+        run(np.zeros((fixed or 1, *pm.input_shape[1:]), dtype=dtype))
+        return None
+    ref = OrtRunner(logits_view(pm.model, pm.output_name), pm.input_name, fixed)
+    x = x[:_CHECK_EXAMPLES]
+    return float(np.mean(run(x).argmax(1) == ref(x).argmax(1)))
 
 
-def _calibration_batches(pm: PreparedModel, calib: Any, limit: int | None, adversarial: Any, eps: float, norm: str):
-    """(batch iterator factory, example count, stats label)."""
-    from ..data import open_data
-
-    if adversarial is True and norm != "inf":
-        raise DataError("generated adversarial calibration is L-inf PGD: with --norm 2 pass --adversarial-calib PATH.npz")
-    source = open_data(calib, input_shape=pm.input_shape, split="train", limit=limit)
-    if len(source) == 0:
-        raise DataError("the calibration data is empty")
-    adv_source = None
-    if adversarial is not None and adversarial is not False and adversarial is not True:
-        adv_source = open_data(adversarial, input_shape=pm.input_shape, split="train", limit=limit)
-    total = len(source) + (len(adv_source) if adv_source is not None else len(source) if adversarial is True else 0)
-
-    def batches() -> Iterator[np.ndarray]:
-        mirror = None
-        for x, _ in source.batches(_BATCH):
-            x = np.ascontiguousarray(x, dtype=np.float32).reshape((-1, *pm.input_shape[1:]))
-            yield x
-            if adversarial is True:
-                if mirror is None:
-                    from ..errors import require
-
-                    require("torch", "robustness")
-                    from ..robustness.mirror import build_mirror
-
-                    mirror = build_mirror(pm.model)
-                yield _pgd_batch(mirror, x, eps)
-        if adv_source is not None:
-            for x, _ in adv_source.batches(_BATCH):
-                yield np.ascontiguousarray(x, dtype=np.float32).reshape((-1, *pm.input_shape[1:]))
-
-    label = "clean" if adversarial in (None, False) else "clean+adversarial (merged histograms)"
-    return batches, total, label
+def _agreement_note(agreement: float | None, what: str) -> list[str]:
+    if agreement is None or agreement >= AGREEMENT_WARNING:
+        return []
+    return [f"WARNING: the {what} agrees with the float model on only {agreement:.1%} of the calibration examples "
+            f"(top-1, onnxruntime): check the plan (a budget too tight, a layer that needs more bits)"]
 
 
-def _pgd_batch(mirror: Any, x: np.ndarray, eps: float) -> np.ndarray:
-    """PGD-Linf (10 steps, seeded) on the float model's torch mirror, against its own predictions."""
-    from ..errors import require
-
-    torch = require("torch", "robustness")
-    from ..zoo.pgd import pgd
-
-    xt = torch.from_numpy(x)
-    with torch.no_grad(), compute_threads(1):
-        y = mirror(xt).argmax(1)
-    gen = torch.Generator().manual_seed(0)
-    with compute_threads(1):
-        return pgd(mirror, xt, y, eps, steps=10, generator=gen).numpy().astype(np.float32)
-
-
-# ------------------------------------------------------------------------------ the pipeline
-
-
-def _ranges(pm: PreparedModel, stats: Mapping[str, Any], layers: tuple[LayerPlan, ...], default, tensors) -> tuple[TensorRange, ...]:
-    from .ranges import activation_range
-
-    spec = {lp.input: lp.chosen.activation for lp in layers}
-    out = []
-    for t in tensors:
-        if t not in stats:
-            continue
-        a = spec.get(t, default)
-        rmin, rmax = activation_range(stats[t], a)
-        out.append(TensorRange(t, a, float(rmin), float(rmax)))
-    return tuple(out)
-
-
-def _with_scales(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any, Any]] | None = None) -> tuple[Plan, dict[str, Any]]:
-    """Weight qparams of the chosen settings (reusing those computed while scoring) into the plan."""
-    import dataclasses
-
-    qps: dict[str, Any] = {}
-    layers = []
-    for lp in plan.layers:
-        w = lp.chosen.weight
-        if w is None:
-            layers.append(dataclasses.replace(lp, weight_scale=None, weight_zero_point=None))
-            continue
-        qp = (known or {}).get(lp.name, {}).get(w)
-        if qp is None:
-            qp = weight_qparams(pm.weight(pm.layer(lp.name)), w)
-        qps[lp.weight] = qp
-        layers.append(
-            dataclasses.replace(
-                lp,
-                weight_scale=tuple(float(s) for s in np.ravel(qp.scale)),
-                weight_zero_point=tuple(int(z) for z in np.ravel(qp.zero_point)),
-            )
-        )
-    return dataclasses.replace(plan, layers=tuple(layers)), qps
+def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, protect: list, x: np.ndarray | None,
+           baseline: str | None, per_channel: bool, warnings: list[str], timings: dict[str, float]) -> QuantizeResult:
+    t = time.perf_counter()
+    drop_unused_initializers(qmodel)
+    agreement = _check(pm, qmodel, x, "quantized model")
+    plan = dataclasses.replace(plan, check=None if agreement is None else {"agreement": agreement, "examples": int(min(len(x), _CHECK_EXAMPLES))})
+    warnings += _agreement_note(agreement, "quantized model")
+    base_model, base_agreement = None, None
+    if baseline is not None:
+        if x is None:
+            raise DataError("--baseline needs calibration data (--calib)")
+        fixed = getattr(pm, "fixed_batch", None) or 32
+        base_model = ort_baseline(pm.model, pm.input_name, [x[i:i + fixed] for i in range(0, len(x), fixed)],
+                                  method=baseline, per_channel=per_channel)
+        drop_unused_initializers(base_model)
+        base_agreement = _check(pm, base_model, x, f"onnxruntime {baseline} model")
+        warnings += _agreement_note(base_agreement, f"onnxruntime {baseline} model")
+    int4 = [lp.name for lp in plan.layers if lp.chosen.weight is not None and lp.chosen.weight.bits == 4]
+    if int4:
+        warnings.append(f"{INT4_NOTE} ({len(int4)} int4 layer(s): {', '.join(int4)})")
+    timings["check"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plan_out = plan_path_for(out)
+    save_model(qmodel, out, *protect)
+    atomic_write_json(plan_out, plan.to_json())
+    base_out = None
+    if base_model is not None:
+        base_out = save_model(base_model, _baseline_path(out, baseline), *protect)
+    timings["write"] = time.perf_counter() - t
+    return QuantizeResult(
+        output=out, plan_path=plan_out, plan=plan, avg_weight_bits=plan.avg_bits, size_bytes=out.stat().st_size,
+        float_size_bytes=pm.model.ByteSize(), agreement=agreement, timings=timings, baseline_output=base_out,
+        baseline_agreement=base_agreement, warnings=tuple(dict.fromkeys(warnings)),
+    )
 
 
-def quantize(
-    model: str | os.PathLike[str] | onnx.ModelProto,
+def apply_plan(
+    model: Any,
+    plan: str | os.PathLike[str] | Plan,
     output: str | os.PathLike[str],
     calib: Any = None,
     *,
-    eps: float = 8 / 255,
-    norm: str = "inf",
-    objective: str = "laq",
-    avg_weight_bits: float | None = None,
-    max_bytes: int | None = None,
-    adversarial_calib: Any = None,
-    plan: str | os.PathLike[str] | Plan | None = None,
-    baseline: str | None = None,
-    per_channel: bool | None = None,
     input_shape: tuple[int, ...] | None = None,
+    output_name: str | None = None,
+    input_range: tuple[float, float] | None = None,
     calib_limit: int | None = None,
-    allow_float: bool = False,
+    baseline: str | None = None,
+    per_channel: bool = False,
     progress: bool = True,
-    candidates: CandidateSpace | None = None,
-    norm_max_spatial: int | None = 32,
 ) -> QuantizeResult:
-    """Quantize ``model`` to a QDQ int8 model at ``output`` (see :mod:`laqonnx.quant.metric` for the
-    metric). ``calib``: a data spec (``"digits"``, ``.npz``, image folder, CIFAR batches).
-    ``adversarial_calib``: ``True`` for PGD examples on the float model at ``eps``, or a data spec of
-    adversarial examples. ``per_channel``: ``None`` scores both granularities, ``True``/``False``
-    only one (and sets the baseline's granularity). ``plan``: re-apply a (possibly edited) plan;
-    ranges are recomputed when ``calib`` is given, else the plan's stored ranges are used.
-    """
+    """Lower a (possibly edited) plan for ``model`` and write it (see the module doc). With ``calib``
+    the activation ranges are recomputed from it with each tensor's setting, else the plan's stored
+    ranges are used (a layer whose activation setting was edited then needs ``calib``)."""
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    config = ObjectiveConfig(objective=objective, eps=float(eps), norm=str(norm), norm_max_spatial=norm_max_spatial)
-    if avg_weight_bits is not None and max_bytes is not None:
-        raise OptionError("give at most one budget: avg_weight_bits or max_bytes")
-    if avg_weight_bits is not None and not (isinstance(avg_weight_bits, (int, float)) and avg_weight_bits > 0):
-        raise OptionError(f"avg_weight_bits must be > 0, got {avg_weight_bits!r}")
-    if max_bytes is not None and not (isinstance(max_bytes, int) and max_bytes > 0):
-        raise OptionError(f"max_bytes must be a positive int, got {max_bytes!r}")
-    if plan is not None and (avg_weight_bits is not None or max_bytes is not None):
-        raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
-    if plan is not None and candidates is not None:
-        raise PlanError("candidate sets (--weight-methods/--activation-methods, candidates=) choose what to score; they do not "
-                        "apply when re-applying a plan (--plan): edit the plan's settings instead")
-    if baseline is not None and baseline not in BASELINES:
-        raise OptionError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if calib_limit is not None and (not isinstance(calib_limit, int) or calib_limit < 1):
-        raise OptionError(f"calib_limit must be a positive int, got {calib_limit!r}")
-    space = candidates or CandidateSpace(allow_float=allow_float)
-    if per_channel is not None:
-        gran = (PerChannel(),) if per_channel else (PerTensor(),)
-        space = CandidateSpace(**{**space.__dict__, "granularities": gran})
-    if allow_float and not space.allow_float:
-        space = CandidateSpace(**{**space.__dict__, "allow_float": True})
-
-    inputs = [None if isinstance(model, onnx.ModelProto) else model]
-    plan_in = None if plan is None or isinstance(plan, Plan) else plan
-    out = check_output_path(output, *inputs, plan_in)
-    plan_out = check_output_path(plan_path_for(out), *inputs, plan_in)
-    base_out = check_output_path(_baseline_path(out, baseline), *inputs, plan_in) if baseline else None
-
+    protect = [None if isinstance(model, (onnx.ModelProto, PreparedModel)) else model,
+               None if isinstance(plan, Plan) else plan]
+    out = check_output_path(output, *protect)
+    check_output_path(plan_path_for(out), *protect)
+    if baseline is not None:
+        check_output_path(_baseline_path(out, Baseline.check(baseline, "baseline")), *protect)
     raw = _model_bytes(model)
-    pm = load_model(model, input_shape, allow_quantized=False)  # refuse an already-quantized model
-    sha = hashlib.sha256(raw).hexdigest()
-    timings["load"] = time.perf_counter() - t0
+    pm = model if isinstance(model, PreparedModel) else load_model(model, input_shape, allow_quantized=False, output=output_name)
+    the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    the_plan.validate(pm.layers, model_sha256(raw))
     tensors = quantized_tensors(pm.model)
-    warnings: list[str] = []
-
-    stats = None
-    batches = None
-    known_qparams: dict[str, Any] = {}
+    timings = {"load": time.perf_counter() - t0}
+    x = None
+    warnings = list(the_plan.warnings)
     if calib is not None:
-        t = time.perf_counter()
-        from .collect import collect
+        from .calibration import calibrate
 
-        batches, total, label = _calibration_batches(pm, calib, calib_limit, adversarial_calib, config.eps, config.norm)
-        # tensors that are no layer's input only ever get the default range: no histogram needed then
-        inputs = {layer.input for layer in pm.layers}
-        cheap = [t for t in tensors if t not in inputs] if space.default_activation.method == "minmax" else []
-        stats = collect(pm.model, tensors, batches(), progress=progress, total=total, minmax_only=cheap)
+        t = time.perf_counter()
+        calibration = calibrate(pm, calib, tensors, adversarial=Off(), input_range=input_range or the_plan.input_range,
+                                limit=calib_limit, progress=progress)
+        x = calibration.data.clean
+        spec = {lp.input: lp.chosen.activation for lp in the_plan.layers}
+        from .ranges import activation_range
+        from .plan import TensorRange
+
+        ranges = []
+        for r in the_plan.ranges:
+            a = spec.get(r.tensor, r.activation)
+            if r.tensor in calibration.stats:
+                lo, hi = activation_range(calibration.stats[r.tensor], a)
+                ranges.append(TensorRange(r.tensor, a, float(lo), float(hi), r.scores))
+        stored = {r.tensor for r in ranges}
+        for tname in tensors:
+            if tname not in stored and tname in calibration.stats:
+                lo, hi = activation_range(calibration.stats[tname], spec.get(tname, CandidateSpace().default_activation))
+                ranges.append(TensorRange(tname, spec.get(tname, CandidateSpace().default_activation), float(lo), float(hi)))
+        the_plan = dataclasses.replace(the_plan, ranges=tuple(ranges))
         timings["calibrate"] = time.perf_counter() - t
-    elif plan is None:
-        raise DataError("calibration data is required (--calib), unless re-applying a plan with --plan")
-
-    if plan is not None:
-        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        the_plan.validate(pm.layers, sha)
-        if stats is not None:
-            the_plan = _replace_ranges(the_plan, _ranges(pm, stats, the_plan.layers, space.default_activation, tensors))
-        else:
-            _check_stored_ranges(the_plan, tensors)
     else:
-        t = time.perf_counter()
-        budget = avg_weight_bits is not None or max_bytes is not None
-        bits = tuple(space.weight_bits) + ((32,) if space.allow_float else ()) if budget else (8,)
-        scored = score_layers(pm, stats, config, space, weight_bits=bits, progress=progress)
-        timings["score"] = time.perf_counter() - t
-        t = time.perf_counter()
-        chosen = choose(scored, pm, avg_weight_bits, max_bytes)
-        timings["select"] = time.perf_counter() - t
-        layers = tuple(
-            LayerPlan(
-                name=lt.layer.name,
-                op_type=lt.layer.op_type,
-                weight=lt.layer.weight,
-                input=lt.layer.input,
-                params=int(np.prod(lt.layer.weight_shape)),
-                channel_axis=lt.layer.channel_axis,
-                chosen=lt.scores[chosen[lt.layer.name]].candidate,
-                operator_norm=lt.operator_norm,
-                gain=lt.gain,
-                lipschitz_derivative=lt.derivative,
-                input_norm=lt.input_norm,
-                scores=lt.scores,
-            )
-            for lt in scored.layers
-        )
-        warnings += scored.warnings
-        known_qparams = {lt.layer.name: lt.qparams for lt in scored.layers}
-        the_plan = Plan(
-            model_sha256=sha,
-            input_name=pm.input_name,
-            input_shape=tuple(pm.input_shape),
-            layers=layers,
-            ranges=_ranges(pm, stats, layers, space.default_activation, tensors),
-            objective=config.objective,
-            eps=config.eps,
-            norm=config.norm,
-            eps_l2=scored.eps_l2,
-            avg_weight_bits=None if avg_weight_bits is None else float(avg_weight_bits),
-            max_bytes=max_bytes,
-            adversarial_calib=adversarial_calib not in (None, False),
-            activation_stats=label,
-            network_bound=scored.network_bound,
-            warnings=tuple(warnings),
-        )
-    int4 = [lp.name for lp in the_plan.layers if lp.chosen.weight is not None and lp.chosen.weight.bits == 4]
-    if int4:
-        warnings.append(f"{INT4_NOTE} ({len(int4)} int4 layer(s): {', '.join(int4)})")
-
+        _check_stored_ranges(the_plan, tensors)
     t = time.perf_counter()
-    the_plan, qps = _with_scales(pm, the_plan, known_qparams)
-    rng = the_plan.range_map()
-    spec = LoweringSpec(
-        weights=qps,
-        ranges={k: (r.rmin, r.rmax) for k, r in rng.items()},
-        activations={k: r.activation for k, r in rng.items() if r.activation.bits != 8 or r.activation.symmetric},
-        exclude=tuple(lp.name for lp in the_plan.layers if lp.chosen.weight is None),
-    )
+    the_plan, spec = lowering_spec(pm, the_plan)
     qmodel = lower(pm.model, spec)
     timings["lower"] = time.perf_counter() - t
-    base_model = None
-    if baseline is not None:
-        if batches is None:
-            raise DataError("--baseline needs calibration data (--calib)")
-        t = time.perf_counter()
-        base_model = ort_baseline(pm.model, pm.input_name, list(_clean_only(pm, calib, calib_limit)), method=baseline, per_channel=bool(per_channel))
-        timings["baseline"] = time.perf_counter() - t
-
-    # write everything only now: a failure above leaves existing outputs untouched
-    t = time.perf_counter()
-    save_model(qmodel, out, *inputs, plan_in)
-    atomic_write_json(plan_out, the_plan.to_json())
-    if base_model is not None:
-        save_model(base_model, base_out, *inputs, plan_in)
-    timings["write"] = time.perf_counter() - t
+    result = _write(pm, the_plan, qmodel, out, protect, x, baseline, per_channel, warnings, timings)
     timings["total"] = time.perf_counter() - t0
-    return QuantizeResult(
-        output=out,
-        plan_path=plan_out,
-        plan=the_plan,
-        avg_weight_bits=the_plan.avg_bits,
-        size_bytes=out.stat().st_size,
-        float_size_bytes=pm.model.ByteSize(),
-        timings=timings,
-        baseline_output=base_out if base_model is not None else None,
-        warnings=tuple(dict.fromkeys(warnings)),
-    )
-
-
-def _clean_only(pm: PreparedModel, calib: Any, limit: int | None) -> Iterator[np.ndarray]:
-    from ..data import open_data
-
-    source = open_data(calib, input_shape=pm.input_shape, split="train", limit=limit)
-    for x, _ in source.batches(_BATCH):
-        yield np.ascontiguousarray(x, dtype=np.float32).reshape((-1, *pm.input_shape[1:]))
-
-
-def _replace_ranges(plan: Plan, ranges: tuple[TensorRange, ...]) -> Plan:
-    import dataclasses
-
-    return dataclasses.replace(plan, ranges=ranges)
+    return result
 
 
 def _check_stored_ranges(plan: Plan, tensors: list[str]) -> None:
@@ -387,3 +242,89 @@ def _check_stored_ranges(plan: Plan, tensors: list[str]) -> None:
                 "re-apply the plan with --calib to recompute ranges"
             )
 
+
+def _adversarial(adversarial_calib: Any):
+    if adversarial_calib is None or adversarial_calib is True:
+        return Generated()
+    if adversarial_calib is False:
+        return Off()
+    if isinstance(adversarial_calib, (Generated, FromData, Off)):
+        return adversarial_calib
+    return FromData(adversarial_calib)
+
+
+def quantize(
+    model: Any,
+    output: str | os.PathLike[str],
+    calib: Any = None,
+    *,
+    eps: float = 8 / 255,
+    norm: str = "inf",
+    objective: str = "laq",
+    avg_weight_bits: float | None = None,
+    max_bytes: int | None = None,
+    adversarial_calib: Any = None,
+    plan: str | os.PathLike[str] | Plan | None = None,
+    baseline: str | None = None,
+    per_channel: bool | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    output_name: str | None = None,
+    input_range: tuple[float, float] | None = None,
+    calib_limit: int | None = None,
+    allow_float: bool = False,
+    guard: bool = True,
+    metric_examples: int = 64,
+    progress: bool = True,
+    candidates: CandidateSpace | None = None,
+) -> QuantizeResult:
+    """Quantize ``model`` (a path or ``onnx.ModelProto``) to a QDQ model at ``output``.
+
+    ``calib``: a data spec (``"digits"``, ``"mnist"``, ``.npz``, image folder, CIFAR batches) or
+    arrays, in the model's units. ``eps``/``norm``: the threat model, in input units.
+    ``adversarial_calib``: None or True (default: PGD examples on the float model when eps > 0),
+    False (clean only), or a data spec of adversarial examples paired with ``calib``. Budgets:
+    ``avg_weight_bits`` or ``max_bytes`` (at most one). ``per_channel``: None scores both
+    granularities, True/False only one (and sets the baseline's). ``plan``: re-apply a (possibly
+    edited) plan instead (see :func:`apply_plan`). ``guard``: compare with the ablations and the
+    uniform rule and keep the best measured. See :mod:`laqonnx.quant.metric` for the metric.
+    """
+    if avg_weight_bits is not None and max_bytes is not None:
+        raise OptionError("give at most one budget: avg_weight_bits or max_bytes")
+    budget = AvgBits(avg_weight_bits) if avg_weight_bits is not None else MaxBytes(max_bytes) if max_bytes is not None else None
+    if plan is not None:
+        if budget is not None:
+            raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
+        if candidates is not None:
+            raise PlanError("candidate sets (--weight-methods/--activation-methods, candidates=) choose what to score; they do not "
+                            "apply when re-applying a plan (--plan): edit the plan's settings instead")
+        return apply_plan(model, plan, output, calib, input_shape=input_shape, output_name=output_name,
+                          input_range=input_range, calib_limit=calib_limit, baseline=baseline,
+                          per_channel=bool(per_channel), progress=progress)
+    if calib is None:
+        raise DataError("calibration data is required (--calib), unless re-applying a plan with --plan")
+    if baseline is not None:
+        Baseline.check(baseline, "baseline")
+    space = candidates or CandidateSpace(allow_float=allow_float)
+    if per_channel is not None:
+        space = dataclasses.replace(space, granularities=(PerChannel(),) if per_channel else (PerTensor(),))
+    if allow_float and not space.allow_float:
+        space = dataclasses.replace(space, allow_float=True)
+    options = QuantizeOptions(eps=float(eps), norm=str(norm), objective=objective, budget=budget,
+                              adversarial=_adversarial(adversarial_calib), candidates=space, input_range=input_range,
+                              calib_limit=calib_limit, metric_examples=metric_examples, guard=guard)
+    t0 = time.perf_counter()
+    protect = [None if isinstance(model, onnx.ModelProto) else model]
+    out = check_output_path(output, *protect)
+    check_output_path(plan_path_for(out), *protect)
+    if baseline is not None:
+        check_output_path(_baseline_path(out, baseline), *protect)
+    raw = _model_bytes(model)
+    pm = load_model(model, input_shape, allow_quantized=False, output=output_name)
+    timings = {"load": time.perf_counter() - t0}
+    planned = plan_model(pm, calib, options, sha256=model_sha256(raw), progress=progress)
+    timings.update(planned.timings)
+    x = planned.calibration.data.clean
+    result = _write(pm, planned.plan, planned.lowered, out, protect, x, baseline, bool(per_channel), list(planned.plan.warnings),
+                    timings)
+    timings["total"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,266 @@
+"""``plan_model``: calibrate, score every candidate, choose under the budget, guard, and return a Plan.
+
+The stages, in order: calibration (:mod:`.calibration`: the data in the model's units, adversarial
+examples, statistics), scoring (:mod:`.scoring`: the metric's terms of every candidate), selection
+(:mod:`.costs`: the exact knapsack under the budget), and the guard (:mod:`.guard`: the chosen plan
+against the two ablations' plans and the uniform rule at the same budget, measured through
+onnxruntime; the best is kept). Nothing is written here: :func:`laqonnx.quant.workflow.apply_plan`
+lowers and writes a plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import OptionError
+from ..graph import PreparedModel
+from ..vocab import Objective
+from .adversarial import AdversarialCalib, Generated, Off
+from .calibration import Calibration, calibrate
+from .costs import AvgBits, Budget, Choice, MaxBytes, choose, weight_bytes
+from .guard import guard, uniform_choice
+from .lower import LoweringSpec, lower, quantized_tensors
+from .metric import Candidate, CandidateSpace, ObjectiveConfig, Scored
+from .numerics import PerChannel
+from .plan import GuardResult, LayerPlan, Plan, TensorRange
+from .ranges import activation_range
+from .scoring import score_layers
+
+__all__ = ["QuantizeOptions", "Planned", "plan_model", "lowering_spec", "model_sha256"]
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything that decides a plan. ``input_range`` None: [0, 1] if the calibration data lie in
+    it, else their own range; ``calib_limit`` None: at most 1024 examples; ``guard``: compare the
+    chosen plan with its alternatives through onnxruntime and keep the best."""
+
+    eps: float = 8 / 255
+    norm: str = "inf"
+    objective: str = "laq"
+    budget: Budget | None = None
+    adversarial: AdversarialCalib = field(default_factory=Generated)
+    candidates: CandidateSpace = field(default_factory=CandidateSpace)
+    input_range: tuple[float, float] | None = None
+    calib_limit: int | None = None
+    metric_examples: int = 64
+    projections: int | None = None
+    adversarial_weight: float = 1.0
+    guard: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.objective_config()  # validates eps, norm, objective, weights, examples
+        if self.budget is not None and not isinstance(self.budget, (AvgBits, MaxBytes)):
+            raise OptionError(f"budget must be AvgBits(bits), MaxBytes(bytes) or None, got {self.budget!r}")
+        if self.input_range is not None:
+            lo, hi = (float(v) for v in self.input_range)
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                raise OptionError(f"input_range must be finite with LO < HI, got {self.input_range!r}")
+        if self.calib_limit is not None and (isinstance(self.calib_limit, bool) or not isinstance(self.calib_limit, int)
+                                             or self.calib_limit < 1):
+            raise OptionError(f"calib_limit must be a positive int, got {self.calib_limit!r}")
+
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(objective=self.objective, eps=self.eps, norm=self.norm,
+                               adversarial_weight=self.adversarial_weight, metric_examples=self.metric_examples,
+                               projections=self.projections, seed=self.seed)
+
+
+@dataclass(frozen=True, eq=False)
+class Planned:
+    """A plan with what made it: the prepared model, the calibration and the lowered kept model."""
+
+    plan: Plan
+    pm: PreparedModel
+    calibration: Calibration
+    lowered: onnx.ModelProto
+    qparams: Mapping[str, Any]
+    timings: Mapping[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def model_sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _layer_plans(scored: Scored, choice: Choice) -> tuple[LayerPlan, ...]:
+    out = []
+    for lt in scored.layers:
+        layer = lt.layer
+        w = lt.scores[choice.weights[layer.name]].setting
+        a = scored.tensors[layer.input][choice.activations[layer.input]].setting
+        out.append(LayerPlan(layer.name, layer.op_type, layer.weight, layer.input, int(np.prod(layer.weight_shape)),
+                             layer.channel_axis, Candidate(w, a), lt.scores))
+    return tuple(out)
+
+
+def _ranges(calibration: Calibration, layers: tuple[LayerPlan, ...], tensors: list[str], default, scored: Scored | None):
+    spec = {lp.input: lp.chosen.activation for lp in layers}
+    out = []
+    for t in tensors:
+        if t not in calibration.stats:
+            continue
+        a = spec.get(t, default)
+        lo, hi = activation_range(calibration.stats[t], a)
+        scores = scored.tensors.get(t, ()) if scored is not None else ()
+        out.append(TensorRange(t, a, float(lo), float(hi), scores))
+    return tuple(out)
+
+
+def lowering_spec(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any, Any]] | None = None):
+    """The plan with its weight scales filled in, and the :class:`LoweringSpec` that writes it."""
+    from .numerics import weight_qparams
+
+    qps: dict[str, Any] = {}
+    layers = []
+    for lp in plan.layers:
+        w = lp.chosen.weight
+        if w is None:
+            layers.append(dataclasses.replace(lp, weight_scale=None, weight_zero_point=None))
+            continue
+        qp = (known or {}).get(lp.name, {}).get(w)
+        if qp is None:
+            qp = weight_qparams(pm.weight(pm.layer(lp.name)), w)
+        qps[lp.weight] = qp
+        layers.append(dataclasses.replace(lp, weight_scale=tuple(float(s) for s in np.ravel(qp.scale)),
+                                          weight_zero_point=tuple(int(z) for z in np.ravel(qp.zero_point))))
+    plan = dataclasses.replace(plan, layers=tuple(layers))
+    rng = plan.range_map()
+    spec = LoweringSpec(
+        weights=qps,
+        ranges={k: (r.rmin, r.rmax) for k, r in rng.items()},
+        activations={k: r.activation for k, r in rng.items() if r.activation.bits != 8 or r.activation.symmetric},
+        exclude=tuple(lp.name for lp in plan.layers if lp.chosen.weight is None),
+    )
+    return plan, spec
+
+
+def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None):
+    params = {lt.layer.name: int(np.prod(lt.layer.weight_shape)) for lt in scored.layers}
+    total = sum(params.values())
+    by_name = {lt.layer.name: lt for lt in scored.layers}
+    if budget is None:
+        return lambda weights: True
+    if isinstance(budget, AvgBits):
+        limit = int(np.floor(budget.bits * total))
+        return lambda weights: sum(by_name[n].scores[k].cost_bits for n, k in weights.items()) <= limit
+    layer_w = {lt.layer.weight for lt in scored.layers}
+    fixed = sum(int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                for t in pm.model.graph.initializer if t.name not in layer_w)
+
+    def size(n: str, k: int) -> int:
+        lt, s = by_name[n], by_name[n].scores[k]
+        w = s.setting
+        scales = lt.layer.weight_shape[lt.layer.channel_axis] if w is not None and isinstance(w.granularity, PerChannel) else 1
+        return weight_bytes(params[n], 32 if w is None else w.bits, scales)
+
+    return lambda weights: fixed + sum(size(n, k) for n, k in weights.items()) <= budget.bytes
+
+
+def plan_model(
+    pm: PreparedModel,
+    calib: Any,
+    options: QuantizeOptions = QuantizeOptions(),
+    *,
+    sha256: str = "",
+    progress: bool = True,
+) -> Planned:
+    """Choose every layer's settings for ``pm`` (a :func:`laqonnx.graph.load_model` result) with the
+    metric, under ``options.budget``; guarded. ``calib``: a data spec or arrays in the model's units."""
+    timings: dict[str, float] = {}
+    config = options.objective_config()
+    space = options.candidates
+    tensors = quantized_tensors(pm.model)
+    inputs = {layer.input for layer in pm.layers}
+    cheap = [t for t in tensors if t not in inputs] if space.default_activation.method == "minmax" else []
+    mirror = None
+    adversarial = options.adversarial if options.eps > 0 else Off()
+    needs_torch = True
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        needs_torch = False
+    t = time.perf_counter()
+    if needs_torch:
+        from .sensitivity import logits_mirror
+
+        mirror = logits_mirror(pm)
+    timings["mirror"] = time.perf_counter() - t
+    calibration = calibrate(pm, calib, tensors, adversarial=adversarial, eps=options.eps, norm=options.norm,
+                            input_range=options.input_range, limit=options.calib_limit,
+                            adversarial_examples=options.metric_examples, minmax_only=cheap, mirror=mirror, progress=progress)
+    timings.update({f"calibrate_{k}": v for k, v in calibration.seconds.items()})
+    t = time.perf_counter()
+    bits = tuple(space.weight_bits) + ((32,) if space.allow_float else ()) if options.budget is not None else (8,)
+    scored = score_layers(pm, calibration.stats, config, space, calibration.data, weight_bits=bits, mirror=mirror,
+                          progress=progress)
+    timings["score"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    choices: dict[str, Choice] = {config.objective: choose(scored, pm, options.budget)}
+    if options.guard:
+        for other in (Objective.LAQ, Objective.MSE, Objective.LIPSCHITZ):
+            name = str(other)
+            if name not in choices and (scored.adversarial or name == Objective.MSE):
+                choices[name] = choose(scored.rescored(config, name), pm, options.budget)
+        uniform = uniform_choice(scored, _fits(scored, pm, options.budget))
+        if uniform is not None:
+            choices["uniform"] = Choice(uniform[0], uniform[1], 0, 0.0)
+    timings["select"] = time.perf_counter() - t
+
+    budget = options.budget
+    base = dict(
+        model_sha256=sha256, input_name=pm.input_name, input_shape=tuple(pm.input_shape), objective=config.objective,
+        eps=config.eps, norm=config.norm, input_range=calibration.input_range,
+        avg_weight_bits=budget.bits if isinstance(budget, AvgBits) else None,
+        max_bytes=budget.bytes if isinstance(budget, MaxBytes) else None,
+        adversarial_calib=calibration.adversarial, activation_stats=calibration.label,
+        metric={"engine": scored.engine, "examples": scored.examples, "projections": scored.projections,
+                "exact": scored.exact, "adversarial_weight": config.adversarial_weight},
+        warnings=tuple(scored.warnings),
+    )
+    known = {lt.layer.name: lt.qparams for lt in scored.layers}
+    t = time.perf_counter()
+    built: dict[str, tuple[Plan, onnx.ModelProto, dict]] = {}
+    seen: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for name, choice in choices.items():
+        key = (tuple(sorted(choice.weights.items())), tuple(sorted(choice.activations.items())))
+        if key in seen:  # the same settings as an earlier alternative: measured once
+            alias[name] = seen[key]
+            continue
+        seen[key] = name
+        layers = _layer_plans(scored, choice)
+        plan = Plan(layers=layers, ranges=_ranges(calibration, layers, tensors, space.default_activation, scored), **base)
+        plan, spec = lowering_spec(pm, plan, known)
+        built[name] = (plan, lower(pm.model, spec), dict(spec.weights))
+    timings["lower"] = time.perf_counter() - t
+    kept = config.objective
+    if options.guard and len(built) > 1:
+        t = time.perf_counter()
+        entries = guard({n: b[1] for n, b in built.items()}, pm.model, pm.input_name, pm.output_name,
+                        calibration.data.pairs(options.metric_examples), config, getattr(pm, "fixed_batch", None))
+        kept = entries[0].name
+        losses = {e.name: e.loss for e in entries}
+        for name, first in alias.items():  # alternatives identical to a measured one share its loss
+            losses[name] = losses[first]
+        result = GuardResult(kept, losses, int(len(calibration.data.pairs(options.metric_examples).clean)))
+        timings["guard"] = time.perf_counter() - t
+    else:
+        result = None
+    plan, lowered, qps = built[kept]
+    notes = list(calibration.notes)
+    if result is not None and kept != config.objective:
+        notes.append(f"the guard kept the {kept} plan: its measured calibration loss {result.losses[kept]:.4g} is below "
+                     f"the {config.objective} plan's {result.losses[config.objective]:.4g}")
+    plan = dataclasses.replace(plan, guard=result, warnings=tuple(dict.fromkeys([*plan.warnings, *notes])))
+    return Planned(plan, pm, calibration, lowered, qps, timings, tuple(notes))
