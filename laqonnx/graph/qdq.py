@@ -1,10 +1,10 @@
-"""Read a quantized (QDQ) graph as its dequantized float equivalent, for the graph stage.
+"""Pass: read a quantized (QDQ) graph as its dequantized float equivalent.
 
-:func:`strip_qdq` edits a graph in place:
+:func:`strip_qdq` (run by the :class:`StripQDQ` pass) edits a graph in place:
 
 * ``DequantizeLinear(x, scale[, zero_point])`` whose inputs are all initializers becomes the float
   initializer ``(x - zero_point) * scale`` named like the node's output, computed by
-  :func:`laqonnx.quantizers.dequantize` (int8/uint8/int4/uint4/int16/uint16, per-tensor or per-axis;
+  :func:`laqonnx.quant.numerics.dequantize` (int8/uint8/int4/uint4/int16/uint16, per-tensor or per-axis;
   opsets 13/19/21 and the com.microsoft contrib op). int32 tensors (biases) are dequantized
   exactly in float32 as ONNX does; other forms (blocked, float8, non-float32 scale) stay as nodes,
   and the reason is returned so a layer using them can say why it is skipped.
@@ -20,9 +20,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .quant.numerics import QParams, dequantize
+from ..quant.numerics import QParams, dequantize
+from .passes import ProtoPass
 
-__all__ = ["QDQ_DOMAINS", "QUANTIZED_OPS", "StrippedQDQ", "count_quantized_nodes", "strip_qdq"]
+__all__ = ["QDQ_DOMAINS", "QUANTIZED_OPS", "StrippedQDQ", "StripQDQ", "count_quantized_nodes", "strip_qdq"]
 
 QDQ_DOMAINS: tuple[str, ...] = ("", "ai.onnx", "com.microsoft")
 QUANTIZED_OPS: tuple[str, ...] = (
@@ -46,6 +47,7 @@ class StrippedQDQ:
 
 
 def count_quantized_nodes(graph: onnx.GraphProto) -> int:
+    """How many quantization nodes (QDQ or QOperator, any of :data:`QUANTIZED_OPS`) ``graph`` has."""
     return sum(1 for n in graph.node if n.op_type in QUANTIZED_OPS and n.domain in QDQ_DOMAINS)
 
 
@@ -89,9 +91,12 @@ def _dequantize_constant(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto
         return str(exc)
 
 
-def strip_qdq(graph: onnx.GraphProto) -> StrippedQDQ:
-    """Replace constant DequantizeLinear by float initializers and drop activation Q->DQ pairs."""
-    result = StrippedQDQ()
+def strip_qdq(graph: onnx.GraphProto, into: StrippedQDQ | None = None) -> StrippedQDQ:
+    """Replace constant DequantizeLinear by float initializers and drop activation Q->DQ pairs.
+
+    What was done is recorded in ``into`` (a new :class:`StrippedQDQ` when None), which is returned.
+    """
+    result = StrippedQDQ() if into is None else into
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output if o}
     graph_ins = {i.name for i in graph.input}
@@ -168,3 +173,17 @@ def strip_qdq(graph: onnx.GraphProto) -> StrippedQDQ:
     graph.input.extend(live)
     del graph.value_info[:]  # shape inference runs again on the float graph
     return result
+
+
+class StripQDQ(ProtoPass):
+    """The pass: :func:`strip_qdq` on the main graph, recording into ``record`` (read by later passes)."""
+
+    name = "strip-qdq"
+
+    def __init__(self, record: StrippedQDQ | None = None) -> None:
+        self.record = StrippedQDQ() if record is None else record
+
+    def run(self, model: onnx.ModelProto) -> bool:
+        nodes = len(model.graph.node)
+        strip_qdq(model.graph, self.record)
+        return len(model.graph.node) != nodes  # every edit removes a DequantizeLinear
