@@ -583,7 +583,7 @@ def test_run_batched_on_a_real_batch_1_model_equals_one_by_one():
 
 @pytest.mark.parametrize("name", sorted(REAL_MODELS))
 def test_real_model_analyze_gives_finite_lipschitz_constants(name):
-    from laqonnx.analysis import analyze
+    from laqonnx.lipschitz.analyze import analyze
 
     path = _real(name)
     result = analyze(path, progress=False)

@@ -9,8 +9,8 @@ import pytest
 
 from laqonnx.errors import PlanError
 from laqonnx.graph import load_model
-from laqonnx.quant.metric import Candidate, Score
-from laqonnx.quant.plan import LayerPlan, Plan, TensorRange
+from laqonnx.quant.metric import ActivationScore, Candidate, WeightScore
+from laqonnx.quant.plan import GuardResult, LayerPlan, Plan, TensorRange
 from laqonnx.quant.numerics import ActivationQuant, PerChannel, PerTensor, WeightQuant
 from tests import models
 
@@ -27,20 +27,24 @@ def _plan(build=models.cnn) -> tuple[Plan, object]:
     layers = []
     for i, layer in enumerate(pm.layers):
         cands_l = [dataclasses.replace(c, weight=None if c.weight is None else dataclasses.replace(c.weight, granularity=PerChannel(layer.channel_axis)) if isinstance(c.weight.granularity, PerChannel) else c.weight) for c in cands]
-        scores = tuple(Score(c, 1.5 + k, 0.25 * k, 0.125, -0.5 + k, 2.0 / 3.0, 1.0 / 7.0 + k, 8 * (k + 1)) for k, c in enumerate(cands_l))
+        scores = tuple(WeightScore(c.weight, 1.5 + k, None if k == 2 else 2.0 / 3.0, 1.0 / 7.0 + k, 8 * (k + 1))
+                       for k, c in enumerate(cands_l))
         layers.append(
             LayerPlan(
                 name=layer.name, op_type=layer.op_type, weight=layer.weight, input=layer.input, params=100 + i,
-                channel_axis=layer.channel_axis, chosen=cands_l[i % 2], operator_norm=1.25, gain=0.5,
-                lipschitz_derivative=3.0, input_norm=7.0, scores=scores,
+                channel_axis=layer.channel_axis, chosen=cands_l[i % 2], scores=scores,
                 weight_scale=(0.1, 0.2), weight_zero_point=(0, 0),
             )
         )
-    ranges = (TensorRange("input", ActivationQuant(), 0.0, 1.0), TensorRange("r1", ActivationQuant(8, "mse"), 0.0, 2.5))
+    act_scores = (ActivationScore(ActivationQuant(), 0.25, 0.5, 0.75), ActivationScore(ActivationQuant(8, "mse"), 1 / 3, None, 1 / 3))
+    ranges = (TensorRange("input", ActivationQuant(), 0.0, 1.0, act_scores), TensorRange("r1", ActivationQuant(8, "mse"), 0.0, 2.5))
     plan = Plan(
         model_sha256=SHA, input_name=pm.input_name, input_shape=pm.input_shape, layers=tuple(layers), ranges=ranges,
-        objective="laq", eps=8 / 255, norm="inf", eps_l2=0.25, avg_weight_bits=6.0, network_bound=4.5,
-        warnings=("a warning",), adversarial_calib=True, activation_stats="clean+adversarial (merged histograms)",
+        objective="laq", eps=8 / 255, norm="inf", input_range=(-1.0, 1.0), avg_weight_bits=6.0,
+        warnings=("a warning",), adversarial_calib="generated (PGD-10 on the float model)",
+        activation_stats="clean+adversarial (merged histograms)",
+        metric={"engine": "mirror", "examples": 64, "projections": 10, "exact": True, "adversarial_weight": 1.0},
+        guard=GuardResult("mse", {"laq": 0.5, "mse": 0.25, "uniform": 1.5}, 64), check={"agreement": 0.96875, "examples": 64},
     )
     return plan, pm
 
@@ -140,3 +144,20 @@ def test_layers_sharing_a_weight_must_share_its_setting():
     bad = dataclasses.replace(plan, layers=tuple(layers))
     with pytest.raises(PlanError, match="must share one weight setting"):
         bad.validate([dataclasses.replace(l, weight=layers[0].weight) if l.name == layers[1].name else l for l in pm.layers], SHA)
+
+
+def test_version_1_plans_are_read_for_their_settings():
+    """A plan of the first metric re-applies: chosen settings and ranges are kept, its scores dropped."""
+    plan, pm = _plan()
+    d = plan.to_json()
+    d["version"] = 1
+    d["settings"]["adversarial_calib"] = True
+    d["network_bound"] = 4.5
+    for lp in d["layers"]:
+        lp.update(operator_norm=1.25, gain=0.5, candidates=[{"weight": None, "activation": {"bits": 8}, "lhat": 1.0}])
+    old = Plan.from_json(d)
+    assert [lp.chosen for lp in old.layers] == [lp.chosen for lp in plan.layers]
+    assert all(lp.scores == () for lp in old.layers) and old.adversarial_calib == "generated"
+    assert [(r.tensor, r.rmin, r.rmax) for r in old.ranges] == [(r.tensor, r.rmin, r.rmax) for r in plan.ranges]
+    assert any("version-1 plan" in w for w in old.warnings)
+    old.validate(pm.layers, SHA)

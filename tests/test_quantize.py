@@ -248,10 +248,11 @@ def test_cli_method_lists_narrow_the_scored_candidates(tiny, tmp_path, capsys):
                "--activation-methods", "entropy", "--no-progress"])
     assert rc == 0
     plan = Plan.load(tmp_path / "out.plan.json")
+    ranges = plan.range_map()
     for lp in plan.layers:
-        weights = {(s.candidate.weight.method, type(s.candidate.weight.granularity).__name__) for s in lp.scores}
+        weights = {(s.setting.method, type(s.setting.granularity).__name__) for s in lp.scores}
         assert weights == {("mse", "PerTensor"), ("maxabs", "PerTensor"), ("mse", "PerChannel"), ("maxabs", "PerChannel")}
-        assert {s.candidate.activation.method for s in lp.scores} == {"entropy"}
+        assert {s.setting.method for s in ranges[lp.input].scores} == {"entropy"}
         assert lp.chosen.activation.method == "entropy" and lp.chosen.weight.method in ("mse", "maxabs")
     capsys.readouterr()
 
@@ -280,14 +281,16 @@ def test_adversarial_calibration_merges_histograms(tmp_path):
     adv = rng.uniform(0.5, 0.9, (8, 1, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "adv.npz", x=adv)
     space = CandidateSpace(activation_methods=("minmax",))
-    clean = laqonnx.quantize(path, tmp_path / "c.onnx", str(tmp_path / "clean.npz"), candidates=space, progress=False)
+    clean = laqonnx.quantize(path, tmp_path / "c.onnx", str(tmp_path / "clean.npz"), candidates=space,
+                             adversarial_calib=False, progress=False)
     merged = laqonnx.quantize(
         path, tmp_path / "a.onnx", str(tmp_path / "clean.npz"), adversarial_calib=str(tmp_path / "adv.npz"),
         candidates=space, progress=False,
     )
     assert clean.plan.range_map()["input"].rmax <= 0.5
     assert merged.plan.range_map()["input"].rmax == pytest.approx(float(adv.max()))
-    assert merged.plan.adversarial_calib and "adversarial" in merged.plan.activation_stats
+    assert merged.plan.adversarial_calib.startswith("from data") and "adversarial" in merged.plan.activation_stats
+    assert clean.plan.adversarial_calib == "off" and clean.plan.activation_stats == "clean"
 
 
 def test_generated_adversarial_calibration(tmp_path):
@@ -329,8 +332,6 @@ def test_option_conflicts_are_clear(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(models.cnn(), str(path))
     np.savez(tmp_path / "c.npz", x=models.random_input((1, 8, 8), n=8))
-    with pytest.raises(DataError, match="--norm 2"):
-        laqonnx.quantize(path, tmp_path / "q.onnx", str(tmp_path / "c.npz"), adversarial_calib=True, norm="2", progress=False)
     with pytest.raises(DataError, match="calibration data is required"):
         laqonnx.quantize(path, tmp_path / "q.onnx", progress=False)
     res = laqonnx.quantize(path, tmp_path / "q.onnx", str(tmp_path / "c.npz"), progress=False)
