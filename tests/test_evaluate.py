@@ -67,10 +67,13 @@ def test_unsupported_op_skips_white_box_but_still_attacks(digits) -> None:
     odd.CopyFrom(model)
     out = odd.graph.output[0].name
     odd.graph.node[-1].output[0] = "pre"
-    odd.graph.node.extend([helper.make_node("Neg", ["pre"], ["n1"]), helper.make_node("Neg", ["n1"], [out])])
+    # Shrink with lambd = bias = 0 is the identity, and an op the mirror does not evaluate (Neg, used
+    # here before, now has a mirror handler)
+    odd.graph.node.extend([helper.make_node("Shrink", ["pre"], ["n1"], lambd=0.0, bias=0.0),
+                           helper.make_node("Shrink", ["n1"], [out], lambd=0.0, bias=0.0)])
     report = laqonnx.evaluate(odd, (x, y), 0.1, attacks=["pgd", "square"], latency=False, progress=False)
     m = report.models[0]
-    assert "Neg" in m.skipped["pgd"] and "square" in m.robust_accuracy
+    assert "Shrink" in m.skipped["pgd"] and "square" in m.robust_accuracy
     assert m.mirror_agreement is None and not m.white_box_reliable
     assert "unreliable" in format_table(report)
 

@@ -273,15 +273,3 @@ def _pad(ctx: NodeContext, a: list[Any]) -> list[Any]:
     if mode in ("reflect", "edge"):
         return [F.pad(x, torch_pads, mode="reflect" if mode == "reflect" else "replicate")]
     raise ctx.fail(f"Pad mode {mode!r} is not supported")
-
-
-@register("ReduceMean")
-def _reduce_mean(ctx: NodeContext, a: list[Any]) -> list[Any]:
-    x = a[0]
-    axes = _ints(a[1]) if ctx.opset >= 18 and len(a) > 1 and a[1] is not None else _ints(ctx.attr("axes"))
-    keep = bool(ctx.attr("keepdims", 1))
-    if not axes:
-        if ctx.attr("noop_with_empty_axes", 0):
-            return [x]
-        axes = list(range(x.dim()))
-    return [x.mean(dim=tuple(axes), keepdim=keep)]

@@ -4,7 +4,8 @@ Our own small interpreter (onnx2torch is unusable here): :class:`Mirror` holds t
 buffers and evaluates the topologically sorted graph node by node through a registry of per-op
 handlers (``@register("Conv")``). QuantizeLinear/DequantizeLinear are *fake-quant*: the forward
 pass computes exactly what onnxruntime computes (``x / scale``, round half to even, ``+ zero
-point``, saturate to the type's range; per-tensor or per-axis), the backward pass is a
+point``, saturate to the type's range; scale and zero point per tensor, per axis, or blocked
+along an axis as opset 21's ``block_size`` writes int4 weights), the backward pass is a
 straight-through estimator:
 
 - ``ste="clipped"`` (default): gradient 1 where the rounded value lies inside the type's range,
@@ -12,7 +13,9 @@ straight-through estimator:
 - ``ste="identity"``: gradient 1 everywhere.
 
 An op without a handler raises :class:`~laqonnx.errors.ModelError` naming the op.
-Elementwise, shape and tensor ops live in :mod:`laqonnx.robustness._ops`.
+The other handlers live in ``_ops`` (linear algebra, arithmetic, shape and layout), ``_ops_conv``
+(convolution, pooling, batch norm), ``_ops_math`` (elementwise math, activations, comparisons),
+``_ops_tensor`` (reductions, Expand/Tile/Split, generators, LayerNorm, Einsum) and ``_ops_resize``.
 """
 
 from __future__ import annotations
@@ -269,9 +272,24 @@ def _axis_view(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return t
 
 
-def _check_blocked(ctx: NodeContext) -> None:
-    if int(ctx.attr("block_size", 0) or 0) > 0:
-        raise ctx.fail("blocked quantization (block_size > 0) is not supported by the mirror")
+def _param_view(ctx: NodeContext, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Scale or zero point shaped to broadcast over ``x``: per tensor, per ``axis``, or blocked.
+
+    Blocked (opset 21 ``block_size`` > 0): ``t`` has ``x``'s rank, ``ceil(D / block_size)`` along
+    ``axis`` and ``x``'s size elsewhere; each entry covers ``block_size`` consecutive elements of
+    ``x`` along ``axis`` (the last block may be ragged).
+    """
+    block = int(ctx.attr("block_size", 0) or 0)
+    if block <= 0:
+        return _axis_view(t, x, int(ctx.attr("axis", 1)))
+    axis = int(ctx.attr("axis", 1)) % max(x.dim(), 1)
+    want = list(x.shape)
+    if x.dim():
+        want[axis] = -(-x.shape[axis] // block)
+    if list(t.shape) != want:
+        raise ctx.fail(f"blocked quantization (block_size {block}, axis {axis}) needs scale/zero point of shape "
+                       f"{want} for input {list(x.shape)}, got {list(t.shape)}")
+    return t.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
 
 
 def _quant_range(ctx: NodeContext, zero_point: Any) -> tuple[int, int]:
@@ -300,28 +318,24 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 @register("QuantizeLinear")
 @register("QuantizeLinear", "com.microsoft")
 def _quantize_linear(ctx: NodeContext, a: list[Any]) -> list[Any]:
-    _check_blocked(ctx)
     x, scale = a[0], a[1]
     zp = a[2] if len(a) > 2 else None
     qmin, qmax = _quant_range(ctx, zp)
-    axis = int(ctx.attr("axis", 1))
-    s = _axis_view(scale.to(x.dtype), x, axis)
-    z = _axis_view(zp, x, axis) if zp is not None else None
+    s = _param_view(ctx, scale.to(x.dtype), x)
+    z = _param_view(ctx, zp, x) if zp is not None else None
     return [fake_quantize(x, s, z, qmin, qmax, ctx.ste)]
 
 
 @register("DequantizeLinear")
 @register("DequantizeLinear", "com.microsoft")
 def _dequantize_linear(ctx: NodeContext, a: list[Any]) -> list[Any]:
-    _check_blocked(ctx)
     x, scale = a[0], a[1]
     zp = a[2] if len(a) > 2 else None
-    axis = int(ctx.attr("axis", 1))
     xf = x.to(scale.dtype) if not x.is_floating_point() else x
-    s = _axis_view(scale, xf, axis)
+    s = _param_view(ctx, scale, xf)
     if zp is not None:
-        xf = xf - _axis_view(zp, xf, axis).to(xf.dtype)
+        xf = xf - _param_view(ctx, zp, xf).to(xf.dtype)
     return [xf * s]
 
 
-from . import _ops, _ops_conv  # noqa: E402,F401  (register the remaining handlers)
+from . import _ops, _ops_conv, _ops_math, _ops_resize, _ops_tensor  # noqa: E402,F401  (register the rest)
