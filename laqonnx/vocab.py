@@ -16,6 +16,8 @@ __all__ = [
     "Vocabulary",
     "ThreatNorm",
     "WeightMethod",
+    "Rounding",
+    "RoundingMode",
     "ActivationMethod",
     "Objective",
     "Baseline",
@@ -60,6 +62,24 @@ class WeightMethod(Vocabulary):
     MAXABS = "maxabs"
     MSE = "mse"
     PERCENTILE = "percentile"
+
+
+class Rounding(Vocabulary):
+    """How a weight's values are rounded to its integer grid: to the nearest level, or learned per
+    weight (adaptive rounding, up or down, to minimise the layer's output error)."""
+
+    NEAREST = "nearest"
+    ADAPTIVE = "adaptive"
+
+
+class RoundingMode(Vocabulary):
+    """Which roundings the metric scores: ``auto`` adds adaptive rounding as a candidate where it
+    is most likely to pay (int4, per-channel, MSE range); ``nearest`` never; ``adaptive`` forces it
+    on every weight setting."""
+
+    AUTO = "auto"
+    NEAREST = "nearest"
+    ADAPTIVE = "adaptive"
 
 
 class ActivationMethod(Vocabulary):

@@ -30,7 +30,7 @@ from tests import models
 torch = pytest.importorskip("torch")
 
 SPACE = CandidateSpace(weight_bits=(8, 4), granularities=(PerTensor(), PerChannel()), weight_methods=("maxabs", "mse"),
-                       activation_methods=("minmax", "percentile"), activation_percentile=99.0)
+                       activation_methods=("minmax", "percentile"), activation_percentile=99.0, rounding="nearest")
 
 
 def _linear(seed: int = 0, dims=(6, 5, 4)) -> onnx.ModelProto:
@@ -242,7 +242,7 @@ def test_prediction_ranks_the_measured_losses_of_random_mixed_plans():
                                                  or range(len(lt.scores)))) for lt in scored.layers}
         acts = {t: int(rng.integers(len(v))) for t, v in scored.tensors.items()}
         choice = Choice(weights, acts, 0, 0.0)
-        layers = _layer_plans(scored, choice)
+        layers, _ = _layer_plans(scored, choice)
         plan = Plan(model_sha256="", input_name=pm.input_name, input_shape=pm.input_shape, layers=layers,
                     ranges=_ranges(cal, layers, quantized_tensors(pm.model), SPACE.default_activation, scored))
         _, spec = lowering_spec(pm, plan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..vocab import ActivationMethod, Baseline, Objective, ThreatNorm, WeightMethod
+from ..vocab import ActivationMethod, Baseline, Objective, RoundingMode, ThreatNorm, WeightMethod
 from ._common import parse_fraction, parse_positive_fraction, parse_positive_int, parse_range, parse_shape, parse_subset
 
 __all__ = ["add_parser"]
@@ -69,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight-range candidates to score, among maxabs,mse,percentile (default: all three)")
     p.add_argument("--activation-methods", type=parse_subset(ActivationMethod.values()), metavar="M,..",
                    help="input-activation range candidates, among minmax,percentile,entropy,mse (default: all four)")
+    p.add_argument("--rounding", choices=RoundingMode.values(), default=None,
+                   help="auto (default): adaptive rounding (learned per weight on clean and adversarial activations) is a "
+                        "candidate of the int4 per-channel settings, chosen where the metric says it pays; nearest: never; "
+                        "adaptive: forced on every layer (slower: one optimisation per layer and setting)")
     p.add_argument("--input-shape", type=parse_shape, metavar="SHAPE", help="model input shape if dynamic, batch first, e.g. 1,3,32,32")
     p.add_argument("--calib-limit", type=parse_positive_int, metavar="N", help="use the first N calibration examples (default: up to 1024)")
     p.add_argument("--metric-examples", type=parse_positive_int, default=64, metavar="N",
@@ -106,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         baseline=args.baseline, per_channel=True if args.per_channel else None, input_shape=args.input_shape,
         output_name=args.output_name, input_range=args.input_range, calib_limit=args.calib_limit,
         allow_float=args.allow_float, guard=not args.no_guard, metric_examples=args.metric_examples,
-        progress=not args.no_progress, candidates=candidates,
+        rounding=args.rounding, progress=not args.no_progress, candidates=candidates,
     )
     plan = result.plan
     ranges = plan.range_map()
@@ -114,6 +118,8 @@ def _run(args: argparse.Namespace) -> int:
     for lp in plan.layers:
         w, a = lp.chosen.describe()
         ws = next((s for s in lp.scores if s.setting == lp.chosen.weight), None)
+        if lp.chosen.weight is not None and lp.chosen.weight.rounding == "adaptive":
+            w += " adaptive"
         r = ranges.get(lp.input)
         acts = next((s for s in r.scores if s.setting == lp.chosen.activation), None) if r is not None else None
         rows.append({"layer": lp.name, "weight": w, "activation": a,
@@ -136,6 +142,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"note: {w}", file=sys.stderr)
     print(f"wrote {result.output}")
     print(f"wrote {result.plan_path}")
+    if plan.rounding_file:
+        print(f"wrote {result.plan_path.with_name(plan.rounding_file)} (the adaptive layers' integer weights; keep it beside the plan)")
     if result.baseline_output is not None:
         agree = "" if result.baseline_agreement is None else f", top-1 agreement with float {result.baseline_agreement:.1%}"
         print(f"wrote {result.baseline_output} (onnxruntime {args.baseline}{agree})")

@@ -63,7 +63,9 @@ class LoweringSpec:
 
     ``weights``: initializer name -> planned qparams. ``ranges``: activation tensor -> (rmin, rmax).
     ``activations``: activation tensor -> its setting, for tensors that differ from ``default``
-    (e.g. 16-bit). ``exclude``: node names left in float.
+    (e.g. 16-bit). ``exclude``: node names left in float. ``values``: initializer name -> float
+    values written in place of the weight before quantizing (adaptive rounding: the dequantized
+    learned integers, which the quantizer's own rounding with the planned scale gives back exactly).
     """
 
     weights: Mapping[str, QParams]
@@ -71,6 +73,7 @@ class LoweringSpec:
     activations: Mapping[str, ActivationQuant] = field(default_factory=dict)
     default: ActivationQuant = field(default_factory=ActivationQuant)
     exclude: tuple[str, ...] = ()
+    values: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in self.ranges.items():
@@ -185,6 +188,15 @@ def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
 
     work = copy.deepcopy(model)
     _constants_to_initializers(work, set(spec.weights))
+    if spec.values:
+        from onnx import numpy_helper
+
+        for init in work.graph.initializer:
+            if init.name in spec.values:
+                value = np.asarray(spec.values[init.name], dtype=np.float32)
+                if tuple(value.shape) != tuple(init.dims):
+                    raise ModelError(f"replacement values of {init.name!r} have shape {value.shape}, the weight {tuple(init.dims)}")
+                init.CopyFrom(numpy_helper.from_array(value, init.name))
     low_bits = any(qp.bits != 8 for qp in spec.weights.values()) or any(a.bits != 8 for a in spec.activations.values())
     if low_bits and _opset(work) < QDQ_OPSET_FOR_LOW_BITS:
         work = _to_opset(work, QDQ_OPSET_FOR_LOW_BITS)

@@ -27,14 +27,16 @@ The global Lipschitz bound is not used here: it stays ``laqonnx analyze``'s cert
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import OptionError
 from ..graph import Layer
-from ..vocab import ActivationMethod, Objective, ThreatNorm, WeightMethod
+from ..vocab import ActivationMethod, Objective, Rounding, RoundingMode, ThreatNorm, WeightMethod
 from .numerics import ActivationQuant, PerChannel, PerTensor, QParams, WeightQuant
+from .rounding import AdaRoundConfig, Rounded
 
 __all__ = ["OBJECTIVES", "Candidate", "WeightScore", "ActivationScore", "ObjectiveConfig", "CandidateSpace",
            "LayerTerms", "Scored", "combine"]
@@ -142,7 +144,10 @@ class ObjectiveConfig:
 class CandidateSpace:
     """The candidate settings (data, not code). Per-channel granularity is bound to each layer's
     output-channel axis. Without a budget only ``weight_bits`` 8 is scored (int4 and float enter
-    with a budget); 16-bit activations are off by default (not fused into int8 kernels on CPU)."""
+    with a budget); 16-bit activations are off by default (not fused into int8 kernels on CPU).
+    ``rounding``: ``auto`` adds an adaptive-rounding copy of each int4 per-channel MSE setting
+    (where rounding pays most), ``nearest`` none, ``adaptive`` makes every setting adaptive;
+    ``adaround`` configures the optimisation."""
 
     weight_bits: tuple[int, ...] = (8, 4)
     granularities: tuple[PerTensor | PerChannel, ...] = (PerTensor(), PerChannel())
@@ -153,8 +158,11 @@ class CandidateSpace:
     activation_percentile: float = 99.99
     allow_float: bool = False
     default_activation: ActivationQuant = field(default_factory=ActivationQuant)
+    rounding: str = "auto"
+    adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rounding", RoundingMode.check(self.rounding, "rounding"))
         for name in ("weight_bits", "granularities", "weight_methods", "activation_bits", "activation_methods"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not value:
@@ -172,7 +180,14 @@ class CandidateSpace:
             for g in self.granularities:
                 gran = PerChannel(axis) if isinstance(g, PerChannel) else PerTensor()
                 for m in self.weight_methods:
-                    out.append(WeightQuant(b, gran, m, self.weight_percentile))
+                    ws = WeightQuant(b, gran, m, self.weight_percentile)
+                    if self.rounding == RoundingMode.ADAPTIVE:
+                        out.append(dataclasses.replace(ws, rounding=Rounding.ADAPTIVE.value))
+                        continue
+                    out.append(ws)
+                    if (self.rounding == RoundingMode.AUTO and b == 4 and isinstance(gran, PerChannel)
+                            and m == WeightMethod.MSE):
+                        out.append(dataclasses.replace(ws, rounding=Rounding.ADAPTIVE.value))
         if self.allow_float and (bits is None or 32 in bits):
             out.append(None)
         return tuple(out)
@@ -192,6 +207,7 @@ class LayerTerms:
     layer: Layer
     scores: tuple[WeightScore, ...]
     qparams: Mapping[WeightQuant, QParams] = field(default_factory=dict, compare=False, repr=False)
+    rounded: Mapping[WeightQuant, Rounded] = field(default_factory=dict, compare=False, repr=False)  # adaptive settings
 
 
 @dataclass(frozen=True)

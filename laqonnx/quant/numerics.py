@@ -21,7 +21,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ..errors import OptionError
-from ..vocab import ActivationMethod, WeightMethod
+from ..vocab import ActivationMethod, Rounding, WeightMethod
 
 __all__ = [
     "PerTensor",
@@ -80,12 +80,15 @@ def _check_percentile(p: float) -> None:
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """How a weight is quantized: bits (8 or 4), granularity, and how its range is chosen."""
+    """How a weight is quantized: bits (8 or 4), granularity, how its range is chosen, and how its
+    values are rounded (``nearest``, or ``adaptive``: learned per weight by
+    :mod:`laqonnx.quant.rounding`; the scale is the same either way)."""
 
     bits: int = 8
     granularity: Granularity = field(default_factory=PerTensor)
     method: str = "maxabs"
     percentile: float = 99.99
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
@@ -93,7 +96,15 @@ class WeightQuant:
         if not isinstance(self.granularity, (PerTensor, PerChannel)):
             raise OptionError(f"granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}")
         object.__setattr__(self, "method", WeightMethod.check(self.method, "weight method"))
+        object.__setattr__(self, "rounding", Rounding.check(self.rounding, "weight rounding"))
         _check_percentile(self.percentile)
+
+    @property
+    def nearest(self) -> WeightQuant:
+        """The same setting with round-to-nearest (its scale is this setting's scale)."""
+        import dataclasses
+
+        return self if self.rounding == Rounding.NEAREST else dataclasses.replace(self, rounding=Rounding.NEAREST.value)
 
 
 @dataclass(frozen=True)
@@ -363,7 +374,10 @@ def _best_index(err: np.ndarray) -> np.ndarray:
 
 
 def quantize_weight(w: np.ndarray, spec: WeightQuant) -> tuple[np.ndarray, QParams]:
-    """Return the fake-quantized (dequantized) weight, float32, and its qparams."""
+    """Return the round-to-nearest fake-quantized (dequantized) weight, float32, and its qparams.
+    An adaptive-rounding setting is refused: its values come from :mod:`laqonnx.quant.rounding`."""
+    if spec.rounding != Rounding.NEAREST:
+        raise ValueError("adaptive rounding needs the layer's calibration activations: use laqonnx.quant.rounding")
     qp = weight_qparams(w, spec)
     return fake_quant(np.asarray(w, dtype=np.float32), qp), qp
 

@@ -58,6 +58,8 @@ __all__ = [
     "TensorRange",
     "GuardResult",
     "Plan",
+    "load_rounding",
+    "rounding_bytes",
     "weight_to_json",
     "weight_from_json",
     "activation_to_json",
@@ -79,6 +81,7 @@ class LayerPlan:
     channel_axis: int
     chosen: Candidate
     scores: tuple[WeightScore, ...] = ()
+    rounding_error: tuple[float, float] | None = None  # (nearest, adaptive) output error of an adaptive choice
     weight_scale: tuple[float, ...] | None = None
     weight_zero_point: tuple[int, ...] | None = None
 
@@ -136,6 +139,8 @@ class Plan:
     guard: GuardResult | None = None
     check: Mapping[str, Any] | None = None
     warnings: tuple[str, ...] = ()
+    rounding_file: str | None = None  # the .npz beside the plan holding adaptive layers' integer weights
+    rounded: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)  # weight -> integers
     version: int = PLAN_VERSION
 
     # -- queries ---------------------------------------------------------------------------
@@ -220,6 +225,7 @@ class Plan:
                 "adversarial_calib": self.adversarial_calib,
                 "activation_stats": self.activation_stats,
                 "metric": dict(self.metric),
+                "rounding_file": self.rounding_file,
             },
             "guard": None if self.guard is None else self.guard.to_json(),
             "check": None if self.check is None else dict(self.check),
@@ -251,7 +257,35 @@ class Plan:
             raise PlanError(f"plan file {path} does not exist") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PlanError(f"cannot read plan {path}: {exc}") from exc
-        return cls.from_json(data)
+        plan = cls.from_json(data)
+        if plan.rounding_file:
+            plan = dataclasses.replace(plan, rounded=load_rounding(Path(path).parent / plan.rounding_file))
+        return plan
+
+
+def load_rounding(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The integer weights of adaptive layers (weight name -> array) from a plan's rounding file,
+    read with ``allow_pickle=False``."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except FileNotFoundError as exc:
+        raise PlanError(f"the plan's rounding file {path} is missing (it holds the adaptive layers' integer weights)") from exc
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"cannot read the rounding file {path}: {exc}") from exc
+
+
+def rounding_bytes(rounded: Mapping[str, Any]) -> bytes:
+    """The rounding file's content: a compressed .npz of the integer weights."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in rounded.items()})
+    return buf.getvalue()
 
 
 def weight_to_json(w: WeightQuant | None) -> dict[str, Any] | None:
@@ -264,6 +298,8 @@ def weight_to_json(w: WeightQuant | None) -> dict[str, Any] | None:
         "method": w.method,
         "percentile": w.percentile,
     }
+    if w.rounding != "nearest":
+        out["rounding"] = w.rounding
     if per_channel:
         out["axis"] = w.granularity.axis
     return out
@@ -281,7 +317,8 @@ def weight_from_json(d: Mapping[str, Any] | None, channel_axis: int = 0) -> Weig
         raise PlanError(f"unknown granularity {gran!r} (per_tensor or per_channel)")
     try:
         return WeightQuant(
-            bits=d["bits"], granularity=granularity, method=d.get("method", "maxabs"), percentile=d.get("percentile", 99.99)
+            bits=d["bits"], granularity=granularity, method=d.get("method", "maxabs"), percentile=d.get("percentile", 99.99),
+            rounding=d.get("rounding", "nearest"),
         )
     except ValueError as exc:
         raise PlanError(f"bad weight setting {dict(d)}: {exc}") from exc
@@ -326,6 +363,7 @@ def _layer_to_json(lp: LayerPlan) -> dict[str, Any]:
         "chosen": _candidate_to_json(lp.chosen),
         "weight_scale": None if lp.weight_scale is None else list(lp.weight_scale),
         "weight_zero_point": None if lp.weight_zero_point is None else list(lp.weight_zero_point),
+        "rounding_error": None if lp.rounding_error is None else {"nearest": lp.rounding_error[0], "adaptive": lp.rounding_error[1]},
         "candidates": [
             {"weight": weight_to_json(s.setting), "clean": s.clean, "adversarial": s.adversarial, "metric": s.metric,
              "cost_bits": s.cost_bits}
@@ -354,6 +392,7 @@ def _layer_from_json(d: Mapping[str, Any], version: int) -> LayerPlan:
             for s in d.get("candidates", [])
         )
     ws, wz = d.get("weight_scale"), d.get("weight_zero_point")
+    re_ = d.get("rounding_error")
     return LayerPlan(
         name=str(d["name"]),
         op_type=str(d["op_type"]),
@@ -365,6 +404,7 @@ def _layer_from_json(d: Mapping[str, Any], version: int) -> LayerPlan:
         scores=scores,
         weight_scale=None if ws is None else tuple(float(x) for x in ws),
         weight_zero_point=None if wz is None else tuple(int(x) for x in wz),
+        rounding_error=None if re_ is None else (float(re_["nearest"]), float(re_["adaptive"])),
     )
 
 
@@ -416,5 +456,6 @@ def _plan_from_json(d: Mapping[str, Any]) -> Plan:
         guard=None if d.get("guard") is None else GuardResult.from_json(d["guard"]),
         check=None if d.get("check") is None else dict(d["check"]),
         warnings=warnings,
+        rounding_file=settings.get("rounding_file"),
         version=PLAN_VERSION,
     )

@@ -92,15 +92,20 @@ def model_sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _layer_plans(scored: Scored, choice: Choice) -> tuple[LayerPlan, ...]:
-    out = []
+def _layer_plans(scored: Scored, choice: Choice) -> tuple[tuple[LayerPlan, ...], dict[str, np.ndarray]]:
+    """The layers of a choice, and the integer weights of its adaptive-rounding layers."""
+    out, rounded = [], {}
     for lt in scored.layers:
         layer = lt.layer
         w = lt.scores[choice.weights[layer.name]].setting
         a = scored.tensors[layer.input][choice.activations[layer.input]].setting
+        err = None
+        if w is not None and w in lt.rounded:
+            r = lt.rounded[w]
+            err, rounded[layer.weight] = (r.error_nearest, r.error_adaptive), r.q
         out.append(LayerPlan(layer.name, layer.op_type, layer.weight, layer.input, int(np.prod(layer.weight_shape)),
-                             layer.channel_axis, Candidate(w, a), lt.scores))
-    return tuple(out)
+                             layer.channel_axis, Candidate(w, a), lt.scores, rounding_error=err))
+    return tuple(out), rounded
 
 
 def _ranges(calibration: Calibration, layers: tuple[LayerPlan, ...], tensors: list[str], default, scored: Scored | None):
@@ -120,7 +125,10 @@ def lowering_spec(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any
     """The plan with its weight scales filled in, and the :class:`LoweringSpec` that writes it."""
     from .numerics import weight_qparams
 
+    from .numerics import dequantize
+
     qps: dict[str, Any] = {}
+    values: dict[str, np.ndarray] = {}
     layers = []
     for lp in plan.layers:
         w = lp.chosen.weight
@@ -129,8 +137,10 @@ def lowering_spec(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any
             continue
         qp = (known or {}).get(lp.name, {}).get(w)
         if qp is None:
-            qp = weight_qparams(pm.weight(pm.layer(lp.name)), w)
+            qp = weight_qparams(pm.weight(pm.layer(lp.name)), w.nearest)
         qps[lp.weight] = qp
+        if w.rounding == "adaptive":
+            values[lp.weight] = dequantize(_adaptive_integers(pm, plan, lp, qp), qp)
         layers.append(dataclasses.replace(lp, weight_scale=tuple(float(s) for s in np.ravel(qp.scale)),
                                           weight_zero_point=tuple(int(z) for z in np.ravel(qp.zero_point))))
     plan = dataclasses.replace(plan, layers=tuple(layers))
@@ -140,8 +150,29 @@ def lowering_spec(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any
         ranges={k: (r.rmin, r.rmax) for k, r in rng.items()},
         activations={k: r.activation for k, r in rng.items() if r.activation.bits != 8 or r.activation.symmetric},
         exclude=tuple(lp.name for lp in plan.layers if lp.chosen.weight is None),
+        values=values,
     )
     return plan, spec
+
+
+def _adaptive_integers(pm: PreparedModel, plan: Plan, lp: LayerPlan, qp) -> np.ndarray:
+    """The learned integer weights of an adaptive layer, checked against its weight and scale."""
+    from ..errors import PlanError
+    from .numerics import quantize
+
+    q = plan.rounded.get(lp.weight)
+    if q is None:
+        raise PlanError(f"layer {lp.name} is set to adaptive rounding, but the plan has no learned integer weights for it: "
+                        "re-run quantize (or keep the plan's rounding file beside it)")
+    w = pm.weight(pm.layer(lp.name))
+    q = np.asarray(q)
+    if q.shape != w.shape:
+        raise PlanError(f"layer {lp.name}: the rounding file's weights have shape {q.shape}, the model's {w.shape}")
+    nearest = quantize(w, qp).astype(np.int64)
+    if np.abs(q.astype(np.int64) - nearest).max(initial=0) > 1:
+        raise PlanError(f"layer {lp.name}: the rounding file's integers are more than one step from the weight's nearest "
+                        "rounding (another model, or an edited scale): re-run quantize")
+    return q.astype(qp.storage_dtype)
 
 
 def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None):
@@ -239,8 +270,9 @@ def plan_model(
             alias[name] = seen[key]
             continue
         seen[key] = name
-        layers = _layer_plans(scored, choice)
-        plan = Plan(layers=layers, ranges=_ranges(calibration, layers, tensors, space.default_activation, scored), **base)
+        layers, rounded = _layer_plans(scored, choice)
+        plan = Plan(layers=layers, ranges=_ranges(calibration, layers, tensors, space.default_activation, scored),
+                    rounded=rounded, **base)
         plan, spec = lowering_spec(pm, plan, known)
         built[name] = (plan, lower(pm.model, spec), dict(spec.weights))
     timings["lower"] = time.perf_counter() - t

@@ -23,7 +23,7 @@ from .metric import ActivationScore, CandidateSpace, LayerTerms, ObjectiveConfig
 from .numerics import QParams, WeightQuant, activation_qparams, quantize_weight
 from .ranges import activation_range
 
-__all__ = ["CalibSet", "score_layers", "NO_TORCH_NOTE"]
+__all__ = ["CalibSet", "score_layers", "layer_inputs", "NO_TORCH_NOTE"]
 
 NO_TORCH_NOTE = (
     "torch is not installed: the metric measured each layer's own output error (local gains to the logits taken as 1) "
@@ -60,8 +60,58 @@ def _effective_qparams(qp: QParams, shape: Sequence[int], channel_axis: int) -> 
     return qp.bits, qp.signed, scale.tobytes(), zp.tobytes()
 
 
-def _weight_candidates(pm: PreparedModel, space: CandidateSpace, weight_bits):
-    """Per layer: its settings, setting -> row of its unique deltas, the deltas, the qparams."""
+def layer_inputs(pm: PreparedModel, x: np.ndarray, tensors) -> dict[str, np.ndarray]:
+    """The float model's values of ``tensors`` on inputs ``x`` (onnxruntime, in chunks of a fixed batch)."""
+    from ..graph import with_outputs
+    from .guard import OrtRunner
+
+    wanted = [t for t in dict.fromkeys(tensors) if t != pm.input_name]
+    out: dict[str, np.ndarray] = {pm.input_name: x} if pm.input_name in tensors else {}
+    if wanted:
+        runner = OrtRunner(with_outputs(pm.model, wanted), pm.input_name, getattr(pm, "fixed_batch", None))
+        step = runner.step
+        parts: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            n = len(chunk)
+            if runner.fixed and n < step:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
+            for t, v in zip(wanted, runner.session.run(wanted, {pm.input_name: chunk})):
+                parts[t].append(v[:n])
+        out.update({t: np.concatenate(v) for t, v in parts.items()})
+    return out
+
+
+def _adaptive(pm: PreparedModel, space: CandidateSpace, weight_bits, data: CalibSet, progress: bool):
+    """(layer, setting) -> Rounded for every adaptive setting, fitted on clean and adversarial inputs."""
+    from tqdm.auto import tqdm
+
+    from .numerics import weight_qparams
+    from .rounding import adaptive_round
+
+    todo = [(layer, ws) for layer in pm.layers for ws in space.weight_settings(layer.channel_axis, weight_bits)
+            if ws is not None and ws.rounding == "adaptive"]
+    if not todo:
+        return {}
+    x = data.clean if data.adversarial is None else np.concatenate([data.clean, data.adversarial])
+    acts = layer_inputs(pm, x, [layer.input for layer, _ in todo])
+    out = {}
+    bar = tqdm(total=len(todo), desc="adaptive rounding", unit="layer", disable=not progress, leave=False)
+    with compute_threads():
+        for layer, ws in todo:
+            bar.set_postfix_str(layer.name[-24:])
+            w = pm.weight(layer)
+            qp = weight_qparams(w, ws.nearest)
+            out[(layer.name, ws)] = (adaptive_round(layer, w, qp, acts[layer.input], space.adaround), qp)
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def _weight_candidates(pm: PreparedModel, space: CandidateSpace, weight_bits, adaptive):
+    """Per layer: its settings, setting -> row of its unique deltas, the deltas, the qparams, the roundings."""
+    from .numerics import dequantize
+
     out = {}
     for layer in pm.layers:
         w = pm.weight(layer)
@@ -70,8 +120,15 @@ def _weight_candidates(pm: PreparedModel, space: CandidateSpace, weight_bits):
         keys: dict[tuple, int] = {}
         deltas: list[np.ndarray] = []
         qparams: dict[WeightQuant, QParams] = {}
+        rounded = {}
         for ws in settings:
             if ws is None:
+                continue
+            if ws.rounding == "adaptive":
+                r, qparams[ws] = adaptive[(layer.name, ws)]
+                rounded[ws] = r
+                rows[ws] = len(deltas)
+                deltas.append((dequantize(r.q, qparams[ws]) - w).astype(np.float32))
                 continue
             wq, qparams[ws] = quantize_weight(w, ws)
             key = _effective_qparams(qparams[ws], w.shape, layer.channel_axis)
@@ -80,7 +137,7 @@ def _weight_candidates(pm: PreparedModel, space: CandidateSpace, weight_bits):
                 deltas.append((wq - w).astype(np.float32))
             rows[ws] = keys[key]
         stacked = np.stack(deltas) if deltas else np.zeros((0, *w.shape), np.float32)
-        out[layer.name] = (settings, rows, stacked, qparams)
+        out[layer.name] = (settings, rows, stacked, qparams, rounded)
     return out
 
 
@@ -113,11 +170,7 @@ def score_layers(
     (:func:`laqonnx.quant.collect.collect`); ``calib``: the calibration inputs; ``weight_bits``
     restricts the weight candidates (e.g. ``(8,)`` without a budget; 32 means float when allowed);
     ``mirror``: the float model's logits mirror, if already built."""
-    weights = _weight_candidates(pm, space, weight_bits)
-    acts = _activation_candidates(pm, stats, space)
     data = calib.pairs(config.metric_examples)
-    deltas = {name: w[2] for name, w in weights.items()}
-    params = {t: a[1] for t, a in acts.items()}
     warnings: list[str] = []
     try:
         import torch  # noqa: F401
@@ -125,6 +178,18 @@ def score_layers(
         torch_ok = False
     else:
         torch_ok = True
+    if not torch_ok and space.rounding != "nearest":
+        import dataclasses
+
+        from ..errors import require
+
+        if space.rounding == "adaptive":
+            require("torch", "robustness")  # adaptive rounding is learned with torch
+        space = dataclasses.replace(space, rounding="nearest")
+    weights = _weight_candidates(pm, space, weight_bits, _adaptive(pm, space, weight_bits, data, progress))
+    acts = _activation_candidates(pm, stats, space)
+    deltas = {name: w[2] for name, w in weights.items()}
+    params = {t: a[1] for t, a in acts.items()}
     if torch_ok:
         from .sensitivity import SensitivityConfig, logits_mirror, mirror_sensitivities
 
@@ -144,7 +209,7 @@ def score_layers(
     adversarial = data.adversarial is not None
     layers = []
     for layer in pm.layers:
-        settings, rows, _, qparams = weights[layer.name]
+        settings, rows, _, qparams, rounded = weights[layer.name]
         params_n = int(np.prod(layer.weight_shape))
         clean_t = sens.weight_clean.get(layer.name, np.zeros(0))
         adv_t = sens.weight_adversarial.get(layer.name) if sens.weight_adversarial is not None else None
@@ -158,7 +223,7 @@ def score_layers(
                 c, a = float(clean_t[r]), (float(adv_t[r]) if adv_t is not None else None)
                 bits = ws.bits
             scores.append(WeightScore(ws, c, a, config.value(c, a), bits * params_n))
-        layers.append(LayerTerms(layer, tuple(scores), qparams))
+        layers.append(LayerTerms(layer, tuple(scores), qparams, rounded))
     tensors = {}
     for t, (settings, _) in acts.items():
         clean_t = sens.activation_clean[t]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .._util.io import atomic_write_json, check_output_path, save_model
+from .._util.io import atomic_write_bytes, atomic_write_json, check_output_path, save_model
 from ..errors import DataError, OptionError, PlanError
 from ..graph import PreparedModel, load_model
 from ..vocab import Baseline
@@ -33,10 +33,11 @@ from .guard import OrtRunner, logits_view
 from .lower import drop_unused_initializers, lower, ort_baseline, quantized_tensors
 from .metric import CandidateSpace
 from .numerics import PerChannel, PerTensor
-from .plan import Plan
+from .plan import Plan, rounding_bytes
 from .planning import QuantizeOptions, lowering_spec, model_sha256, plan_model
 
-__all__ = ["quantize", "plan_model", "apply_plan", "QuantizeResult", "QuantizeOptions", "plan_path_for", "INT4_NOTE",
+__all__ = ["quantize", "plan_model", "apply_plan", "QuantizeResult", "QuantizeOptions", "plan_path_for", "rounding_path_for",
+           "INT4_NOTE",
            "AGREEMENT_WARNING"]
 
 INT4_NOTE = (
@@ -86,6 +87,12 @@ def plan_path_for(output: str | os.PathLike[str]) -> Path:
     """``model.int8.onnx`` -> ``model.int8.plan.json``."""
     out = Path(output)
     return out.with_name((out.stem if out.suffix == ".onnx" else out.name) + ".plan.json")
+
+
+def rounding_path_for(output: str | os.PathLike[str]) -> Path:
+    """``model.int8.onnx`` -> ``model.int8.rounding.npz`` (the adaptive layers' integer weights)."""
+    out = Path(output)
+    return out.with_name((out.stem if out.suffix == ".onnx" else out.name) + ".rounding.npz")
 
 
 def _baseline_path(output: Path, baseline: str) -> Path:
@@ -150,7 +157,17 @@ def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, pr
     timings["check"] = time.perf_counter() - t
     t = time.perf_counter()
     plan_out = plan_path_for(out)
+    rounding_out = None
+    adaptive = {lp.weight for lp in plan.layers if lp.chosen.weight is not None and lp.chosen.weight.rounding == "adaptive"}
+    if adaptive:
+        rounding_out = rounding_path_for(out)
+        plan = dataclasses.replace(plan, rounding_file=rounding_out.name,
+                                   rounded={k: v for k, v in plan.rounded.items() if k in adaptive})
+    else:
+        plan = dataclasses.replace(plan, rounding_file=None, rounded={})
     save_model(qmodel, out, *protect)
+    if rounding_out is not None:
+        atomic_write_bytes(rounding_out, rounding_bytes(plan.rounded))
     atomic_write_json(plan_out, plan.to_json())
     base_out = None
     if base_model is not None:
@@ -185,6 +202,7 @@ def apply_plan(
                None if isinstance(plan, Plan) else plan]
     out = check_output_path(output, *protect)
     check_output_path(plan_path_for(out), *protect)
+    check_output_path(rounding_path_for(out), *protect)
     if baseline is not None:
         check_output_path(_baseline_path(out, Baseline.check(baseline, "baseline")), *protect)
     raw = _model_bytes(model)
@@ -274,6 +292,7 @@ def quantize(
     allow_float: bool = False,
     guard: bool = True,
     metric_examples: int = 64,
+    rounding: str | None = None,
     progress: bool = True,
     candidates: CandidateSpace | None = None,
 ) -> QuantizeResult:
@@ -286,7 +305,9 @@ def quantize(
     ``avg_weight_bits`` or ``max_bytes`` (at most one). ``per_channel``: None scores both
     granularities, True/False only one (and sets the baseline's). ``plan``: re-apply a (possibly
     edited) plan instead (see :func:`apply_plan`). ``guard``: compare with the ablations and the
-    uniform rule and keep the best measured. See :mod:`laqonnx.quant.metric` for the metric.
+    uniform rule and keep the best measured. ``rounding``: ``auto`` (default: adaptive rounding
+    is a candidate of the int4 per-channel MSE settings), ``nearest`` or ``adaptive`` (forced on
+    every layer). See :mod:`laqonnx.quant.metric` for the metric.
     """
     if avg_weight_bits is not None and max_bytes is not None:
         raise OptionError("give at most one budget: avg_weight_bits or max_bytes")
@@ -294,7 +315,7 @@ def quantize(
     if plan is not None:
         if budget is not None:
             raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
-        if candidates is not None:
+        if candidates is not None or rounding is not None:
             raise PlanError("candidate sets (--weight-methods/--activation-methods, candidates=) choose what to score; they do not "
                             "apply when re-applying a plan (--plan): edit the plan's settings instead")
         return apply_plan(model, plan, output, calib, input_shape=input_shape, output_name=output_name,
@@ -309,6 +330,8 @@ def quantize(
         space = dataclasses.replace(space, granularities=(PerChannel(),) if per_channel else (PerTensor(),))
     if allow_float and not space.allow_float:
         space = dataclasses.replace(space, allow_float=True)
+    if rounding is not None:
+        space = dataclasses.replace(space, rounding=rounding)
     options = QuantizeOptions(eps=float(eps), norm=str(norm), objective=objective, budget=budget,
                               adversarial=_adversarial(adversarial_calib), candidates=space, input_range=input_range,
                               calib_limit=calib_limit, metric_examples=metric_examples, guard=guard)
@@ -316,6 +339,7 @@ def quantize(
     protect = [None if isinstance(model, onnx.ModelProto) else model]
     out = check_output_path(output, *protect)
     check_output_path(plan_path_for(out), *protect)
+    check_output_path(rounding_path_for(out), *protect)
     if baseline is not None:
         check_output_path(_baseline_path(out, baseline), *protect)
     raw = _model_bytes(model)
