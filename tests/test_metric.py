@@ -18,11 +18,10 @@ from laqonnx.graph import load_model
 from laqonnx.quant.collect import collect
 from laqonnx.quant.costs import AvgBits, choose
 from laqonnx.quant.guard import calibration_loss, logits_view
-from laqonnx.quant.lower import lower, quantized_tensors
+from laqonnx.quant.lower import quantized_tensors
 from laqonnx.quant.metric import CandidateSpace, ObjectiveConfig, combine
 from laqonnx.quant.numerics import PerChannel, PerTensor, activation_qparams, fake_quant, quantize_weight
-from laqonnx.quant.planning import QuantizeOptions, _layer_plans, _ranges, lowering_spec, plan_model
-from laqonnx.quant.plan import Plan
+from laqonnx.quant.planning import QuantizeOptions, build_plan, plan_model
 from laqonnx.quant.ranges import activation_range
 from laqonnx.quant.scoring import CalibSet, score_layers
 from tests import models
@@ -227,9 +226,7 @@ def test_prediction_ranks_the_measured_losses_of_random_mixed_plans():
     pm = load_model(model)
     planned = plan_model(pm, "digits", QuantizeOptions(eps=0.1, budget=AvgBits(6.0), calib_limit=128, guard=False,
                                                        candidates=SPACE, metric_examples=48), progress=False)
-    cal = planned.calibration
-    scored = score_layers(pm, cal.stats, ObjectiveConfig(eps=0.1, metric_examples=48), SPACE, cal.data,
-                          weight_bits=(8, 4), progress=False)
+    cal, scored = planned.calibration, planned.scored
     data = cal.data.pairs(48)
     ref = (_ort(logits_view(pm.model, pm.output_name), data.clean), _ort(logits_view(pm.model, pm.output_name), data.adversarial))
     rng = np.random.default_rng(0)
@@ -241,12 +238,7 @@ def test_prediction_ranks_the_measured_losses_of_random_mixed_plans():
         weights = {lt.layer.name: int(rng.choice([k for k, s in enumerate(lt.scores) if (s.setting.bits == 4) == (rng.uniform() < p4)]
                                                  or range(len(lt.scores)))) for lt in scored.layers}
         acts = {t: int(rng.integers(len(v))) for t, v in scored.tensors.items()}
-        choice = Choice(weights, acts, 0, 0.0)
-        layers, _ = _layer_plans(scored, choice)
-        plan = Plan(model_sha256="", input_name=pm.input_name, input_shape=pm.input_shape, layers=layers,
-                    ranges=_ranges(cal, layers, quantized_tensors(pm.model), SPACE.default_activation, scored))
-        _, spec = lowering_spec(pm, plan)
-        q = lower(pm.model, spec)
+        _, q, _ = build_plan(pm, scored, cal, Choice(weights, acts, 0, 0.0), SPACE)
         got = (_ort(q, data.clean), _ort(q, data.adversarial))
         clean, adv = calibration_loss(ref, got)
         measured.append(clean + adv)

@@ -252,7 +252,7 @@ def test_cli_method_lists_narrow_the_scored_candidates(tiny, tmp_path, capsys):
     for lp in plan.layers:
         weights = {(s.setting.method, type(s.setting.granularity).__name__) for s in lp.scores}
         assert weights == {("mse", "PerTensor"), ("maxabs", "PerTensor"), ("mse", "PerChannel"), ("maxabs", "PerChannel")}
-        assert {s.setting.method for s in ranges[lp.input].scores} == {"entropy"}
+        assert {s.setting.method for s in ranges[lp.activation_source].scores} == {"entropy"}
         assert lp.chosen.activation.method == "entropy" and lp.chosen.weight.method in ("mse", "maxabs")
     capsys.readouterr()
 

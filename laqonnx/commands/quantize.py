@@ -73,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): adaptive rounding (learned per weight on clean and adversarial activations) is a "
                         "candidate of the int4 per-channel settings, chosen where the metric says it pays; nearest: never; "
                         "adaptive: forced on every layer (slower: one optimisation per layer and setting)")
+    p.add_argument("--activation-bits", type=int, choices=(4, 8, 16), default=None,
+                   help="bits of the layer-input activations scored (default 8; 16 keeps more precision, unfused; 4 is "
+                        "uint4 with int4 weights (W4A4), which onnxruntime runs unfused: for low-bit studies)")
     p.add_argument("--input-shape", type=parse_shape, metavar="SHAPE", help="model input shape if dynamic, batch first, e.g. 1,3,32,32")
     p.add_argument("--calib-limit", type=parse_positive_int, metavar="N", help="use the first N calibration examples (default: up to 1024)")
     p.add_argument("--metric-examples", type=parse_positive_int, default=64, metavar="N",
@@ -97,12 +100,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         check_output_path(args.json, args.model, args.plan)
     candidates = None
-    if args.weight_methods or args.activation_methods:
+    if args.weight_methods or args.activation_methods or args.activation_bits:
         from ..quant.metric import CandidateSpace  # with --plan, quantize() refuses them
 
         default = CandidateSpace()
         candidates = CandidateSpace(weight_methods=args.weight_methods or default.weight_methods,
-                                    activation_methods=args.activation_methods or default.activation_methods)
+                                    activation_methods=args.activation_methods or default.activation_methods,
+                                    activation_bits=(args.activation_bits,) if args.activation_bits else default.activation_bits,
+                                    weight_bits=(4,) if args.activation_bits == 4 else default.weight_bits)
     adversarial = False if args.no_adversarial_calib else args.adversarial_calib
     result = quantize(
         args.model, args.output, args.calib, eps=args.eps, norm=args.norm, objective=args.objective,
@@ -118,9 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     for lp in plan.layers:
         w, a = lp.chosen.describe()
         ws = next((s for s in lp.scores if s.setting == lp.chosen.weight), None)
-        if lp.chosen.weight is not None and lp.chosen.weight.rounding == "adaptive":
-            w += " adaptive"
-        r = ranges.get(lp.input)
+        r = ranges.get(lp.activation_source)
         acts = next((s for s in r.scores if s.setting == lp.chosen.activation), None) if r is not None else None
         rows.append({"layer": lp.name, "weight": w, "activation": a,
                      "wq": None if ws is None else ws.clean, "wa": None if ws is None else ws.adversarial,

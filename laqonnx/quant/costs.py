@@ -3,7 +3,7 @@
 A budget is a type: :class:`AvgBits` (parameter-weighted average weight bits over the weighted
 layers, float counted as 32) or :class:`MaxBytes` (the model's constants in bytes: quantized
 weights with their scales and zero points, plus every other initializer as it is). The choice is
-one knapsack group per layer-input tensor (its layers share one activation QDQ): an option is an
+one knapsack group per activation source tensor (the layers reading it share one activation QDQ): an option is an
 activation setting of the tensor plus one weight setting per layer that reads it, valued at the
 activation's metric plus the weights' metrics; each layer's weight settings are Pareto-pruned
 first (exact). :func:`choose` solves it exactly with :func:`laqonnx.quant.select.select`.
@@ -79,7 +79,7 @@ def _pareto(options: list[tuple[int, float, int]]) -> list[tuple[int, float, int
 def _groups(scored: Scored, cost_of) -> tuple[list[Group], list[tuple[str, list[str]]]]:
     by_input: dict[str, list[LayerTerms]] = {}
     for lt in scored.layers:
-        by_input.setdefault(lt.layer.input, []).append(lt)
+        by_input.setdefault(scored.source(lt.layer.input), []).append(lt)
     groups, members = [], []
     for tensor, terms in by_input.items():
         fronts = [_pareto([(cost_of(lt, s), s.metric, k) for k, s in enumerate(lt.scores)]) for lt in terms]

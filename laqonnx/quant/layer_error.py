@@ -61,6 +61,7 @@ def layer_errors(
     act_params: Mapping[str, np.ndarray],
     clean: np.ndarray,
     adversarial: np.ndarray | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> Sensitivities:
     """The terms of every candidate with identity gains (see the module doc); same layout as
     :func:`laqonnx.quant.sensitivity.mirror_sensitivities`."""
@@ -91,12 +92,13 @@ def layer_errors(
         wc[layer.name] = np.zeros(0) if outs[0] is None else (outs[0] ** 2).reshape(len(d), -1).sum(1) / n
         if adversarial is not None:
             wa[layer.name] = np.zeros(0) if outs[0] is None else ((outs[1] - outs[0]) ** 2).reshape(len(d), -1).sum(1) / n
+    sources = sources or {}
     for t, rows in act_params.items():
-        readers = [layer for layer in pm.layers if layer.input == t]
-        errs = [_errors(s[t], rows) for s in sets]
+        readers = [layer for layer in pm.layers if sources.get(layer.input, layer.input) == t]
         c = np.zeros(len(rows))
         a = np.zeros(len(rows))
-        for layer in readers:
+        for layer in readers:  # the error at the reader's input, with the source's parameters
+            errs = [_errors(s[layer.input], rows) for s in sets]
             w = pm.weight(layer)
             yc = np.stack([apply(layer, errs[0][k], w) for k in range(len(rows))])
             c += (yc ** 2).reshape(len(rows), -1).sum(1) / n

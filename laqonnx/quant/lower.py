@@ -298,11 +298,12 @@ def ort_baseline(
     method: str = "ort-minmax",
     per_channel: bool = False,
     int4_weights: Sequence[str] = (),
+    activation_bits: int = 8,
 ) -> onnx.ModelProto:
-    """onnxruntime's plain ``quantize_static``: QDQ, uint8 activations, int8 weights, ``method``'s
-    calibration, per-channel iff asked; the weights named in ``int4_weights`` get int4 through
-    ``TensorQuantOverrides`` (the model is converted to opset 21 first, which int4
-    ``DequantizeLinear`` needs). Returns the model (written by onnxruntime in a temporary folder and
+    """onnxruntime's plain ``quantize_static``: QDQ, uint8 activations (uint4 with
+    ``activation_bits=4``), int8 weights, ``method``'s calibration, per-channel iff asked; the
+    weights named in ``int4_weights`` get int4 through ``TensorQuantOverrides`` (the model is
+    converted to opset 21 first, which int4 ``DequantizeLinear`` needs). Returns the model (written by onnxruntime in a temporary folder and
     read back, so the caller writes the output atomically)."""
     import tempfile
     from pathlib import Path
@@ -316,10 +317,13 @@ def ort_baseline(
     }
     if method not in methods:
         raise OptionError(f"baseline must be one of {BASELINES}, got {method!r}")
+    if activation_bits not in (4, 8):
+        raise OptionError(f"the onnxruntime baseline takes 8- or 4-bit activations, got {activation_bits!r}")
     work = copy.deepcopy(model)
     extra = {}
+    if (int4_weights or activation_bits == 4) and _opset(work) < QDQ_OPSET_FOR_LOW_BITS:
+        work = _to_opset(work, QDQ_OPSET_FOR_LOW_BITS)
     if int4_weights:
-        work = _to_opset(work, QDQ_OPSET_FOR_LOW_BITS) if _opset(work) < QDQ_OPSET_FOR_LOW_BITS else work
         extra["TensorQuantOverrides"] = {w: [{"quant_type": QuantType.QInt4}] for w in int4_weights}
     with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix="laqonnx-baseline-") as tmp:
         path = Path(tmp) / "baseline.onnx"
@@ -329,7 +333,7 @@ def ort_baseline(
             _Reader(input_name, batches),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QUInt8 if activation_bits == 8 else QuantType.QUInt4,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
             extra_options=extra,

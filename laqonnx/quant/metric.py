@@ -68,7 +68,7 @@ class Candidate:
         else:
             gran = "per-channel" if isinstance(self.weight.granularity, PerChannel) else "per-tensor"
             method = self.weight.method + (f"({self.weight.percentile:g})" if self.weight.method == "percentile" else "")
-            w = f"int{self.weight.bits} {gran} {method}"
+            w = f"int{self.weight.bits} {gran} {method}" + (" adaptive" if self.weight.rounding == "adaptive" else "")
         a = self.activation
         kind = ("int" if a.symmetric else "uint") + str(a.bits)
         method = a.method + (f"({a.percentile:g})" if a.method == "percentile" else "")
@@ -167,6 +167,9 @@ class CandidateSpace:
             value = getattr(self, name)
             if not isinstance(value, tuple) or not value:
                 raise OptionError(f"CandidateSpace.{name} must be a non-empty tuple, got {value!r}")
+        if 4 in self.activation_bits and tuple(self.weight_bits) != (4,):
+            raise OptionError("4-bit activations run in onnxruntime only with 4-bit weights (its int8 Conv fusion refuses "
+                              "uint4 inputs): score weight_bits (4,) with activation_bits (4,)")
         # validate every combination once
         self.weight_settings(0)
         self.activation_settings()
@@ -215,13 +218,17 @@ class Scored:
     """Everything :func:`laqonnx.quant.scoring.score_layers` measured."""
 
     layers: tuple[LayerTerms, ...]
-    tensors: Mapping[str, tuple[ActivationScore, ...]]  # layer-input tensor -> its activation candidates
+    tensors: Mapping[str, tuple[ActivationScore, ...]]  # activation source tensor -> its activation candidates
     warnings: tuple[str, ...] = ()
     engine: str = "mirror"  # how the terms were measured (see the plan's settings)
     projections: int = 0
     exact: bool = True
     examples: int = 0
     adversarial: bool = False
+    sources: Mapping[str, str] = field(default_factory=dict)  # layer input -> the tensor whose range it gets
+
+    def source(self, tensor: str) -> str:
+        return self.sources.get(tensor, tensor)
 
     def rescored(self, config: ObjectiveConfig, objective: str) -> "Scored":
         """The same terms with ``metric`` recomputed for another objective (the ablations)."""

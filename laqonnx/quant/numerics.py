@@ -109,7 +109,8 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class ActivationQuant:
-    """How an activation is quantized: 8-bit (uint8 asymmetric by default) or 16-bit, and its range method."""
+    """How an activation is quantized: 8-bit (uint8 asymmetric by default), 16-bit or 4-bit (uint4: onnxruntime runs it
+    unfused, for low-bit studies), and its range method."""
 
     bits: int = 8
     method: str = "minmax"
@@ -117,8 +118,8 @@ class ActivationQuant:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in (8, 16) or isinstance(self.bits, bool):
-            raise OptionError(f"activation bits must be 8 or 16, got {self.bits!r}")
+        if self.bits not in (4, 8, 16) or isinstance(self.bits, bool):
+            raise OptionError(f"activation bits must be 4, 8 or 16, got {self.bits!r}")
         object.__setattr__(self, "method", ActivationMethod.check(self.method, "activation method"))
         _check_percentile(self.percentile)
         if not isinstance(self.symmetric, bool):
@@ -255,7 +256,8 @@ def activation_qparams(rmin: float, rmax: float, spec: ActivationQuant) -> QPara
     """Per-tensor activation qparams for the range [rmin, rmax], as onnxruntime's quantizer computes them.
 
     8-bit: uint8 [0, 255] asymmetric, or int8 [-127, 127] symmetric; 16-bit: uint16 or int16
-    [-32767, 32767] symmetric. The range is extended to include 0.
+    [-32767, 32767] symmetric; 4-bit: uint4 [0, 15] (int4 [-7, 7] symmetric). The range is extended
+    to include 0.
     """
     if not (np.isfinite(rmin) and np.isfinite(rmax)) or rmin > rmax:
         raise ValueError(f"invalid activation range [{rmin}, {rmax}]")

@@ -82,6 +82,11 @@ class LayerPlan:
     chosen: Candidate
     scores: tuple[WeightScore, ...] = ()
     rounding_error: tuple[float, float] | None = None  # (nearest, adaptive) output error of an adaptive choice
+    activation_tensor: str | None = None  # the tensor whose range the input gets in onnxruntime (None: the input)
+
+    @property
+    def activation_source(self) -> str:
+        return self.activation_tensor or self.input
     weight_scale: tuple[float, ...] | None = None
     weight_zero_point: tuple[int, ...] | None = None
 
@@ -203,10 +208,10 @@ class Plan:
                     f"layer {lp.name}: per-channel axis {w.granularity.axis} is not the output-channel "
                     f"axis {layer.channel_axis}"
                 )
-            prev = shared.setdefault(lp.input, lp.chosen.activation)
+            prev = shared.setdefault(lp.activation_source, lp.chosen.activation)
             if prev != lp.chosen.activation:
                 raise PlanError(
-                    f"layers reading tensor {lp.input!r} must share one activation setting (one QDQ per tensor)"
+                    f"layers reading tensor {lp.activation_source!r} must share one activation setting (one QDQ per tensor)"
                 )
 
     # -- JSON ------------------------------------------------------------------------------
@@ -358,6 +363,7 @@ def _layer_to_json(lp: LayerPlan) -> dict[str, Any]:
         "op_type": lp.op_type,
         "weight": lp.weight,
         "input": lp.input,
+        "activation_tensor": lp.activation_source,
         "params": lp.params,
         "channel_axis": lp.channel_axis,
         "chosen": _candidate_to_json(lp.chosen),
@@ -405,6 +411,7 @@ def _layer_from_json(d: Mapping[str, Any], version: int) -> LayerPlan:
         weight_scale=None if ws is None else tuple(float(x) for x in ws),
         weight_zero_point=None if wz is None else tuple(int(x) for x in wz),
         rounding_error=None if re_ is None else (float(re_["nearest"]), float(re_["adaptive"])),
+        activation_tensor=None if d.get("activation_tensor") in (None, d["input"]) else str(d["activation_tensor"]),
     )
 
 

@@ -34,7 +34,7 @@ from .plan import GuardResult, LayerPlan, Plan, TensorRange
 from .ranges import activation_range
 from .scoring import score_layers
 
-__all__ = ["QuantizeOptions", "Planned", "plan_model", "lowering_spec", "model_sha256"]
+__all__ = ["QuantizeOptions", "Planned", "plan_model", "build_plan", "lowering_spec", "model_sha256"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class Planned:
     calibration: Calibration
     lowered: onnx.ModelProto
     qparams: Mapping[str, Any]
+    scored: Scored | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
@@ -98,18 +99,20 @@ def _layer_plans(scored: Scored, choice: Choice) -> tuple[tuple[LayerPlan, ...],
     for lt in scored.layers:
         layer = lt.layer
         w = lt.scores[choice.weights[layer.name]].setting
-        a = scored.tensors[layer.input][choice.activations[layer.input]].setting
+        source = scored.source(layer.input)
+        a = scored.tensors[source][choice.activations[source]].setting
         err = None
         if w is not None and w in lt.rounded:
             r = lt.rounded[w]
             err, rounded[layer.weight] = (r.error_nearest, r.error_adaptive), r.q
         out.append(LayerPlan(layer.name, layer.op_type, layer.weight, layer.input, int(np.prod(layer.weight_shape)),
-                             layer.channel_axis, Candidate(w, a), lt.scores, rounding_error=err))
+                             layer.channel_axis, Candidate(w, a), lt.scores, rounding_error=err,
+                             activation_tensor=None if source == layer.input else source))
     return tuple(out), rounded
 
 
 def _ranges(calibration: Calibration, layers: tuple[LayerPlan, ...], tensors: list[str], default, scored: Scored | None):
-    spec = {lp.input: lp.chosen.activation for lp in layers}
+    spec = {lp.activation_source: lp.chosen.activation for lp in layers}
     out = []
     for t in tensors:
         if t not in calibration.stats:
@@ -119,6 +122,18 @@ def _ranges(calibration: Calibration, layers: tuple[LayerPlan, ...], tensors: li
         scores = scored.tensors.get(t, ()) if scored is not None else ()
         out.append(TensorRange(t, a, float(lo), float(hi), scores))
     return tuple(out)
+
+
+def build_plan(pm: PreparedModel, scored: Scored, calibration: Calibration, choice: Choice, space: CandidateSpace,
+               **settings: Any) -> tuple[Plan, onnx.ModelProto, dict]:
+    """The plan of ``choice`` (``settings``: the Plan's other fields), its lowered model and weight qparams."""
+    tensors = quantized_tensors(pm.model)
+    layers, rounded = _layer_plans(scored, choice)
+    defaults = {"model_sha256": "", "input_name": pm.input_name, "input_shape": tuple(pm.input_shape)}
+    plan = Plan(layers=layers, ranges=_ranges(calibration, layers, tensors, space.default_activation, scored),
+                rounded=rounded, **{**defaults, **settings})
+    plan, spec = lowering_spec(pm, plan, {lt.layer.name: lt.qparams for lt in scored.layers})
+    return plan, lower(pm.model, spec), dict(spec.weights)
 
 
 def lowering_spec(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any, Any]] | None = None):
@@ -211,8 +226,11 @@ def plan_model(
     config = options.objective_config()
     space = options.candidates
     tensors = quantized_tensors(pm.model)
-    inputs = {layer.input for layer in pm.layers}
-    cheap = [t for t in tensors if t not in inputs] if space.default_activation.method == "minmax" else []
+    from .structure import activation_sources
+
+    sources = activation_sources(pm, tensors)
+    needed = set(sources.values())
+    cheap = [t for t in tensors if t not in needed] if space.default_activation.method == "minmax" else []
     mirror = None
     adversarial = options.adversarial if options.eps > 0 else Off()
     needs_torch = True
@@ -231,9 +249,10 @@ def plan_model(
                             adversarial_examples=options.metric_examples, minmax_only=cheap, mirror=mirror, progress=progress)
     timings.update({f"calibrate_{k}": v for k, v in calibration.seconds.items()})
     t = time.perf_counter()
-    bits = tuple(space.weight_bits) + ((32,) if space.allow_float else ()) if options.budget is not None else (8,)
+    budgeted = options.budget is not None or 8 not in space.weight_bits  # without a budget: int8 (or what is allowed)
+    bits = tuple(space.weight_bits) + ((32,) if space.allow_float else ()) if budgeted else (8,)
     scored = score_layers(pm, calibration.stats, config, space, calibration.data, weight_bits=bits, mirror=mirror,
-                          progress=progress)
+                          sources=sources, progress=progress)
     timings["score"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -259,7 +278,6 @@ def plan_model(
                 "exact": scored.exact, "adversarial_weight": config.adversarial_weight},
         warnings=tuple(scored.warnings),
     )
-    known = {lt.layer.name: lt.qparams for lt in scored.layers}
     t = time.perf_counter()
     built: dict[str, tuple[Plan, onnx.ModelProto, dict]] = {}
     seen: dict[tuple, str] = {}
@@ -270,11 +288,7 @@ def plan_model(
             alias[name] = seen[key]
             continue
         seen[key] = name
-        layers, rounded = _layer_plans(scored, choice)
-        plan = Plan(layers=layers, ranges=_ranges(calibration, layers, tensors, space.default_activation, scored),
-                    rounded=rounded, **base)
-        plan, spec = lowering_spec(pm, plan, known)
-        built[name] = (plan, lower(pm.model, spec), dict(spec.weights))
+        built[name] = build_plan(pm, scored, calibration, choice, space, **base)
     timings["lower"] = time.perf_counter() - t
     kept = config.objective
     if options.guard and len(built) > 1:
@@ -295,4 +309,4 @@ def plan_model(
         notes.append(f"the guard kept the {kept} plan: its measured calibration loss {result.losses[kept]:.4g} is below "
                      f"the {config.objective} plan's {result.losses[config.objective]:.4g}")
     plan = dataclasses.replace(plan, guard=result, warnings=tuple(dict.fromkeys([*plan.warnings, *notes])))
-    return Planned(plan, pm, calibration, lowered, qps, timings, tuple(notes))
+    return Planned(plan, pm, calibration, lowered, qps, scored, timings, tuple(notes))

@@ -141,10 +141,10 @@ def _weight_candidates(pm: PreparedModel, space: CandidateSpace, weight_bits, ad
     return out
 
 
-def _activation_candidates(pm: PreparedModel, stats: Mapping[str, object], space: CandidateSpace):
-    """Per layer-input tensor: its activation settings and their (scale, zero point, qmin, qmax)."""
+def _activation_candidates(pm: PreparedModel, stats: Mapping[str, object], space: CandidateSpace, sources: Mapping[str, str]):
+    """Per activation source tensor: its activation settings and their (scale, zero point, qmin, qmax)."""
     out = {}
-    for tensor in dict.fromkeys(layer.input for layer in pm.layers):
+    for tensor in dict.fromkeys(sources.get(layer.input, layer.input) for layer in pm.layers):
         settings = space.activation_settings()
         rows = []
         for a in settings:
@@ -164,12 +164,14 @@ def score_layers(
     *,
     weight_bits: Sequence[int] | None = None,
     mirror: object = None,
+    sources: Mapping[str, str] | None = None,
     progress: bool = True,
 ) -> Scored:
     """Score every candidate of every layer. ``stats``: calibration stats of every layer input
     (:func:`laqonnx.quant.collect.collect`); ``calib``: the calibration inputs; ``weight_bits``
     restricts the weight candidates (e.g. ``(8,)`` without a budget; 32 means float when allowed);
-    ``mirror``: the float model's logits mirror, if already built."""
+    ``mirror``: the float model's logits mirror, if already built; ``sources``: layer input -> the
+    tensor whose range it gets (:func:`laqonnx.quant.structure.activation_sources`; default: itself)."""
     data = calib.pairs(config.metric_examples)
     warnings: list[str] = []
     try:
@@ -187,7 +189,8 @@ def score_layers(
             require("torch", "robustness")  # adaptive rounding is learned with torch
         space = dataclasses.replace(space, rounding="nearest")
     weights = _weight_candidates(pm, space, weight_bits, _adaptive(pm, space, weight_bits, data, progress))
-    acts = _activation_candidates(pm, stats, space)
+    sources = dict(sources or {})
+    acts = _activation_candidates(pm, stats, space, sources)
     deltas = {name: w[2] for name, w in weights.items()}
     params = {t: a[1] for t, a in acts.items()}
     if torch_ok:
@@ -203,7 +206,7 @@ def score_layers(
     else:
         from .layer_error import layer_errors
 
-        sens = layer_errors(pm, deltas, params, data.clean, data.adversarial)
+        sens = layer_errors(pm, deltas, params, data.clean, data.adversarial, sources)
         engine = "layer-output"
         warnings.append(NO_TORCH_NOTE)
     adversarial = data.adversarial is not None
@@ -233,4 +236,5 @@ def score_layers(
                             config.value(float(clean_t[i]), None if adv_t is None else float(adv_t[i])))
             for i, a in enumerate(settings)
         )
-    return Scored(tuple(layers), tensors, tuple(warnings), engine, sens.projections, sens.exact, sens.examples, adversarial)
+    return Scored(tuple(layers), tensors, tuple(warnings), engine, sens.projections, sens.exact, sens.examples, adversarial,
+                  sources)

@@ -220,7 +220,7 @@ def apply_plan(
         calibration = calibrate(pm, calib, tensors, adversarial=Off(), input_range=input_range or the_plan.input_range,
                                 limit=calib_limit, progress=progress)
         x = calibration.data.clean
-        spec = {lp.input: lp.chosen.activation for lp in the_plan.layers}
+        spec = {lp.activation_source: lp.chosen.activation for lp in the_plan.layers}
         from .ranges import activation_range
         from .plan import TensorRange
 
@@ -254,9 +254,9 @@ def _check_stored_ranges(plan: Plan, tensors: list[str]) -> None:
     if missing:
         raise PlanError(f"the plan has no activation range for {', '.join(missing[:5])}: re-apply it with --calib")
     for lp in plan.layers:
-        if rng[lp.input].activation != lp.chosen.activation:
+        if rng[lp.activation_source].activation != lp.chosen.activation:
             raise PlanError(
-                f"layer {lp.name}: its activation setting was edited, so the stored range of {lp.input!r} is stale: "
+                f"layer {lp.name}: its activation setting was edited, so the stored range of {lp.activation_source!r} is stale: "
                 "re-apply the plan with --calib to recompute ranges"
             )
 

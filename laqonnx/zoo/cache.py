@@ -60,7 +60,11 @@ def _versions() -> dict[str, str]:
 
 def config_key(config: Any) -> str:
     """SHA-256 (hex) of the full config plus the versions that shape the trained weights."""
-    payload = {"config": dataclasses.asdict(config), "versions": _versions()}
+    fields = dataclasses.asdict(config)
+    for name, default in (("dataset", "digits"), ("eps_warmup", 0.0)):  # defaults: keys (and caches) stay as before
+        if fields.get(name) == default:
+            del fields[name]
+    payload = {"config": fields, "versions": _versions()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -81,6 +85,8 @@ def get_model(
     seed: int = 0,
     image_size: int | None = None,
     quick: bool = False,
+    dataset: str = "digits",
+    eps: float | None = None,
     config: Any = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -96,10 +102,10 @@ def get_model(
     from . import train as _train
 
     if config is None:
-        config = _train.default_config(arch, adversarial, quick=quick, seed=seed, image_size=image_size)
+        config = _train.default_config(arch, adversarial, quick=quick, seed=seed, image_size=image_size, dataset=dataset, eps=eps)
     key = config_key(config)
     folder = resolve_cache_dir(cache_dir)
-    stem = f"{config.arch}-{config.adversarial}-{key[:16]}"
+    stem = f"{config.arch}-{config.adversarial}-{'' if config.dataset == 'digits' else config.dataset + '-'}{key[:16]}"
     onnx_path, meta_path = folder / f"{stem}.onnx", folder / f"{stem}.json"
     entry = _read_entry(meta_path, key)
     if entry is not None and onnx_path.is_file():
