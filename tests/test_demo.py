@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from laqonnx.cli import main
-from laqonnx.zoo.demo import DEMO_METHODS, METHODS, RECORD_METHODS, SWEEP_METHODS, DemoConfig, int4_rule, run_demo
+from laqonnx.zoo.demo import DemoConfig, run_demo
+from laqonnx.zoo.methods import DEMO_METHODS, METHODS, RECORD_METHODS, SWEEP_METHODS, int4_rule
 from laqonnx.zoo.digits import load_digits
 
 pytest.importorskip("torch")
@@ -42,7 +43,8 @@ def test_int4_rule(sizes, target, int4, bits):
 
 
 def test_registry_covers_the_record():
-    assert set(DEMO_METHODS) <= set(RECORD_METHODS) == set(METHODS)
+    assert set(DEMO_METHODS) <= set(METHODS) and set(RECORD_METHODS) <= set(METHODS)
+    assert {'ort-int4', 'laq-int4-ada'} <= set(DEMO_METHODS)  # the demo shows a low-bit row
 
 
 @pytest.mark.parametrize("bad", [{"methods": ("ort-minmax",)}, {"methods": ("float", "nope")}, {"preset": "huge"},
@@ -90,7 +92,7 @@ def test_rows_and_table(demo):
         assert rows[m]["bits"] == 8
     # equal average weight bits: LAQ's mixed budget is the uniform onnxruntime alternative's
     assert rows["ort-mixed"]["bits"] < 8
-    assert rows["laq-mixed"]["bits"] <= rows["ort-mixed"]["bits"] + 1e-6
+    assert rows["laq-mixed-ada"]["bits"] <= rows["ort-mixed"]["bits"] + 1e-6
 
 
 def test_models_load_and_agree(demo):
@@ -128,7 +130,7 @@ def test_report_files(demo):
     for name in ("accuracy_tradeoff.png", "lipschitz.png", "robust_vs_eps.png"):
         assert (cfg.out_dir / "report" / name).stat().st_size > 1000
         assert f"({name})" in text
-    assert "cnn/pgd laq-mixed" in text
+    assert "cnn/pgd laq-mixed-ada" in text
     assert (cfg.out_dir / "table.txt").read_text().strip() == result.table
     data = json.loads(result.results_json.read_text())
     assert len(data["rows"]) == len(DEMO_METHODS)

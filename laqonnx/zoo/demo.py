@@ -7,220 +7,34 @@ measures batch-1 latency of all variants of a model side by side
 (:func:`laqonnx.latency.compare_latency`, interleaved), prints one comparison table and writes
 the Markdown report with its plots (:func:`laqonnx.report.write_report`).
 
-Methods are handlers registered by name with :func:`method`; ``benchmarks/record.py`` runs the
-same registry. The mixed-precision comparison is at equal average weight bits:
+Methods are the handlers of :mod:`laqonnx.zoo.methods` (``benchmarks/record.py`` runs the same
+registry). The mixed-precision comparison is at equal average weight bits:
 
 * the *uniform onnxruntime alternative* (``ort-mixed``) is onnxruntime's ``quantize_static``
   (MinMax, per-channel int8, uint8 activations) with int4 weights on the largest weighted layers
   (by parameter count, ties in graph order) until the parameter-weighted average weight bits is
   at most the nominal budget (default 6). The rule looks only at layer sizes: it is
   method-independent. Its achieved average ``B`` is the budget;
-* ``laq-mixed`` is :func:`laqonnx.quantize` with ``avg_weight_bits=B`` (the same objective,
-  candidates and calibration as ``laq-int8``, int4 allowed), and ``mse-mixed`` /
-  ``lipschitz-mixed`` the same with the objective's quantization-only / Lipschitz-only terms;
-* ``ort-int4`` puts every weight at int4 (per-channel MinMax), ``laq-int4`` is LAQ at 4 bits.
+* ``laq-mixed-ada`` is :func:`laqonnx.quantize` with ``avg_weight_bits=B`` (the same objective,
+  candidates and calibration as ``laq-int8``, int4 and adaptive rounding allowed);
+* the low-bit row: ``ort-int4`` puts every weight at int4 (per-channel MinMax), ``laq-int4-ada``
+  is LAQ at 4 bits with adaptive rounding as a candidate. (More variants: :mod:`laqonnx.zoo.methods`.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import OptionError
 from ..vocab import AttackPreset
+from .methods import DEMO_METHODS, METHODS, SWEEP_METHODS, MethodContext, Quantized, int4_rule, layer_sizes, quantize_method, warm_up
 
-__all__ = [
-    "METHODS", "DEMO_METHODS", "RECORD_METHODS", "SWEEP_METHODS", "MethodContext", "Quantized", "method", "int4_rule",
-    "ort_mixed", "quantize_method", "DemoConfig", "DemoResult", "run_demo", "TABLE_COLUMNS", "QUICK",
-]
-
-DEMO_METHODS: tuple[str, ...] = ("float", "ort-minmax", "ort-minmax-pc", "ort-entropy", "ort-percentile",
-                                 "laq-int8", "ort-mixed", "laq-mixed")
-RECORD_METHODS: tuple[str, ...] = (*DEMO_METHODS, "mse-mixed", "lipschitz-mixed", "ort-int4", "laq-int4")
-SWEEP_METHODS: tuple[str, ...] = ("float", "ort-minmax-pc", "laq-int8", "laq-mixed")  # curves of adversarial models
-
-
-@dataclass(frozen=True)
-class MethodContext:
-    """What every method needs: the float model, where to write, calibration and budget."""
-
-    float_path: Path
-    out_dir: Path
-    eps: float
-    calib: str = "digits"
-    calib_limit: int = 256
-    budget_bits: float = 8.0  # the achieved average bits of the uniform int4 rule
-    int4_weights: tuple[str, ...] = ()  # the weights the uniform rule puts at int4
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if not (0 < self.eps <= 1) or self.calib_limit < 1 or not 4 <= self.budget_bits <= 8:
-            raise OptionError("need 0 < eps <= 1, calib_limit >= 1 and 4 <= budget_bits <= 8")
-
-
-@dataclass(frozen=True)
-class Quantized:
-    """One method's model: file, end-to-end quantize wall time (load to write), size and bits."""
-
-    method: str
-    path: Path
-    seconds: float
-    avg_weight_bits: float
-    size_bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "path": str(self.path)}
-
-
-METHODS: dict[str, Callable[[MethodContext], Quantized]] = {}
-
-
-def method(name: str) -> Callable[[Callable[[MethodContext], Quantized]], Callable[[MethodContext], Quantized]]:
-    """Register a method handler under ``name``."""
-
-    def register(fn: Callable[[MethodContext], Quantized]) -> Callable[[MethodContext], Quantized]:
-        METHODS[name] = fn
-        return fn
-
-    return register
-
-
-def quantize_method(name: str, ctx: MethodContext) -> Quantized:
-    if name not in METHODS:
-        raise OptionError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name](ctx)
-
-
-# ------------------------------------------------------------------------------ the methods
-
-
-def _layer_sizes(path: Path) -> list[tuple[str, int]]:
-    """(weight initializer, parameter count) of the weighted layers, in graph order."""
-    from ..graph import load_model
-
-    return [(layer.weight, int(np.prod(layer.weight_shape))) for layer in load_model(path).layers]
-
-
-def int4_rule(sizes: Sequence[tuple[str, int]], target_bits: float) -> tuple[tuple[str, ...], float]:
-    """The uniform alternative's rule: int4 on the largest layers (ties: graph order) until the
-    parameter-weighted average weight bits is <= ``target_bits``. Returns (weights, achieved bits)."""
-    total = sum(n for _, n in sizes)
-    if total == 0:
-        return (), 8.0
-    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][1], i))
-    chosen: list[str] = []
-    bits = 8.0
-    for i in order:
-        if bits <= target_bits + 1e-12:
-            break
-        chosen.append(sizes[i][0])
-        bits -= 4.0 * sizes[i][1] / total
-    return tuple(chosen), bits
-
-
-def _calib_batches(path: Path, calib: str, limit: int) -> tuple[Any, list[np.ndarray]]:
-    from ..data import open_data
-    from ..graph import load_model
-
-    pm = load_model(path)
-    source = open_data(calib, input_shape=pm.input_shape, split="train", limit=limit)
-    batches = [np.ascontiguousarray(x, dtype=np.float32).reshape((-1, *pm.input_shape[1:]))
-               for x, _ in source.batches(32)]
-    return pm, batches
-
-
-def _warm_up(ctx: MethodContext) -> None:
-    """Load the calibration data once and import onnxruntime's quantizer before any method's clock
-    starts: the first-time imports (scikit-learn's dataset loader, the quantizer; ~0.7 s) are not
-    quantization time and would otherwise be charged to whichever method runs first."""
-    import onnxruntime.quantization  # noqa: F401
-
-    _calib_batches(ctx.float_path, ctx.calib, ctx.calib_limit)
-
-
-def _done(name: str, path: Path, t0: float, bits: float) -> Quantized:
-    return Quantized(name, path, time.perf_counter() - t0, float(bits), path.stat().st_size)
-
-
-@method("float")
-def _float(ctx: MethodContext) -> Quantized:
-    return Quantized("float", ctx.float_path, 0.0, 32.0, ctx.float_path.stat().st_size)
-
-
-def _ort(name: str, baseline: str, per_channel: bool) -> None:
-    @method(name)
-    def run(ctx: MethodContext) -> Quantized:
-        from .._util.io import save_model
-        from ..quant.lower import ort_baseline
-
-        t0 = time.perf_counter()
-        pm, batches = _calib_batches(ctx.float_path, ctx.calib, ctx.calib_limit)
-        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's entropy/percentile calibrators print
-            model = ort_baseline(pm.model, pm.input_name, batches, method=baseline, per_channel=per_channel)
-        out = save_model(model, ctx.out_dir / f"{name}.onnx", ctx.float_path)
-        return _done(name, out, t0, 8.0)
-
-
-_ort("ort-minmax", "ort-minmax", False)
-_ort("ort-minmax-pc", "ort-minmax", True)
-_ort("ort-entropy", "ort-entropy", False)
-_ort("ort-percentile", "ort-percentile", False)
-
-
-def ort_mixed(pm: Any, batches: Sequence[np.ndarray], int4_weights: Sequence[str]) -> Any:
-    """onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel, uint8 activations, int8 weights)
-    with int4 weights on ``int4_weights``. Returns the ModelProto."""
-    from ..quant.lower import ort_baseline
-
-    return ort_baseline(pm.model, pm.input_name, batches, method="ort-minmax", per_channel=True,
-                        int4_weights=int4_weights)
-
-
-def _ort_int4(name: str, everything: bool) -> None:
-    @method(name)
-    def run(ctx: MethodContext) -> Quantized:
-        from .._util.io import save_model
-
-        t0 = time.perf_counter()
-        pm, batches = _calib_batches(ctx.float_path, ctx.calib, ctx.calib_limit)
-        weights = tuple(layer.weight for layer in pm.layers) if everything else ctx.int4_weights
-        out = save_model(ort_mixed(pm, batches, weights), ctx.out_dir / f"{name}.onnx", ctx.float_path)
-        sizes = {layer.weight: int(np.prod(layer.weight_shape)) for layer in pm.layers}
-        total = sum(sizes.values())
-        return _done(name, out, t0, 8.0 - 4.0 * sum(sizes[w] for w in weights) / total)
-
-
-_ort_int4("ort-mixed", False)
-_ort_int4("ort-int4", True)
-
-
-def _laq(name: str, objective: str, budget: Callable[[MethodContext], float | None]) -> None:
-    @method(name)
-    def run(ctx: MethodContext) -> Quantized:
-        from ..quant.workflow import quantize
-
-        t0 = time.perf_counter()
-        bits = budget(ctx)
-        r = quantize(ctx.float_path, ctx.out_dir / f"{name}.onnx", ctx.calib, eps=ctx.eps, objective=objective,
-                     avg_weight_bits=None if bits is None else bits + 1e-9, calib_limit=ctx.calib_limit,
-                     progress=ctx.progress)
-        return _done(name, r.output, t0, r.avg_weight_bits)
-
-
-_laq("laq-int8", "laq", lambda ctx: None)
-_laq("laq-mixed", "laq", lambda ctx: ctx.budget_bits)
-_laq("mse-mixed", "mse", lambda ctx: ctx.budget_bits)
-_laq("lipschitz-mixed", "lipschitz", lambda ctx: ctx.budget_bits)
-_laq("laq-int4", "laq", lambda ctx: 4.0)
-
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "TABLE_COLUMNS", "QUICK"]
 
 # ------------------------------------------------------------------------------ the demo
 
@@ -319,9 +133,9 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
         bar.update()
         folder = out / "models" / f"{arch}-{adv}"
         folder.mkdir(parents=True, exist_ok=True)
-        int4, budget = int4_rule(_layer_sizes(float_path), cfg.mixed_bits)
+        int4, budget = int4_rule(layer_sizes(float_path), cfg.mixed_bits)
         ctx = MethodContext(float_path, folder, cfg.eps, "digits", cfg.calib_limit, budget, int4, progress)
-        _warm_up(ctx)
+        warm_up(ctx)
         made: dict[str, Quantized] = {}
         for name in cfg.methods:
             bar.set_description(f"demo: {label} {name}")
