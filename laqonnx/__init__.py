@@ -6,6 +6,9 @@ The public API is imported lazily so that ``import laqonnx`` stays cheap and a d
 >>> import laqonnx
 >>> analysis = laqonnx.analyze("model.onnx")            # per-layer Lipschitz analysis
 >>> result = laqonnx.quantize("model.onnx", "model.int8.onnx", calib="digits")
+>>> pm = laqonnx.load_model("model.onnx")                # or in two steps: plan, inspect, apply
+>>> planned = laqonnx.plan_model(pm, "digits", laqonnx.QuantizeOptions(budget=laqonnx.AvgBits(6)))
+>>> laqonnx.apply_plan("model.onnx", planned.plan, "model.mixed.onnx", "digits")
 >>> report = laqonnx.evaluate(["model.int8.onnx"], data="digits", eps=8 / 255)
 >>> laqonnx.deploy("model.int8.onnx", "model.e2e.onnx", image_size=32)
 """
@@ -23,6 +26,16 @@ _API: dict[str, str] = {
     "Analysis": "laqonnx.lipschitz.analyze",
     "quantize": "laqonnx.quant.workflow",
     "QuantizeResult": "laqonnx.quant.workflow",
+    "load_model": "laqonnx.graph",
+    "plan_model": "laqonnx.quant.planning",
+    "apply_plan": "laqonnx.quant.workflow",
+    "QuantizeOptions": "laqonnx.quant.planning",
+    "AvgBits": "laqonnx.quant.costs",
+    "MaxBytes": "laqonnx.quant.costs",
+    "Generated": "laqonnx.quant.adversarial",
+    "FromData": "laqonnx.quant.adversarial",
+    "Off": "laqonnx.quant.adversarial",
+    "CandidateSpace": "laqonnx.quant.metric",
     "evaluate": "laqonnx.robustness.evaluate",
     "EvaluationReport": "laqonnx.robustness.evaluate",
     "deploy": "laqonnx.deployment",

@@ -229,7 +229,7 @@ def _laq(name: str, objective: str, regime: str, rounding: str, guard: bool, spa
         t0 = time.perf_counter()
         bits = _BUDGETS[regime](ctx)
         candidates = space() if space is not None else (
-            CandidateSpace(weight_bits=(4,), activation_bits=(4,)) if regime == "w4a4" else None)
+            CandidateSpace(weight_bits=(4,), activation_bits=(4,), rounding=rounding) if regime == "w4a4" else None)
         r = quantize(ctx.float_path, ctx.out_dir / f"{name}.onnx", ctx.calib, eps=ctx.eps, objective=objective,
                      avg_weight_bits=None if bits is None else bits + 1e-9, calib_limit=ctx.calib_limit,
                      guard=guard, candidates=candidates, rounding=None if candidates is not None else rounding,
