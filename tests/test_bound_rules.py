@@ -140,7 +140,9 @@ def test_the_constants_are_the_maxima():
 # --- self-gated products (torch exports): global bounds through the producer graph ------------------
 
 def _gated(kind):
-    c = lambda name, v: _init(name, np.array(v))  # noqa: E731
+    def c(name, v):
+        return _init(name, np.array(v))
+
     if kind == "silu":
         return [helper.make_node("Sigmoid", ["input"], ["s"]), helper.make_node("Mul", ["input", "s"], ["o"], name="op")], (), SILU_MAX
     if kind == "quickgelu":
@@ -292,7 +294,7 @@ def _calibrated(model, x):
 def _check_data_dependent(model, x, node, loose=None):
     without = _bounds(model)[2]
     assert without.network_bound is None and without.bound_kind is None and without.unknown_ops
-    pm, norms, bounds = _calibrated(model, x)
+    _, _, bounds = _calibrated(model, x)
     assert bounds.bound_kind == BoundKind.DATA_DEPENDENT and node in bounds.data_dependent and bounds.unknown_ops == ()
     gains = [_jacobian_norm(model, x[i:i + 1]) for i in range(len(x))]
     assert max(gains) > 1e-3 and max(gains) <= bounds.network_bound * (1 + 1e-3)  # float32 central differences
@@ -363,7 +365,7 @@ def test_layer_norm_global_then_tighter_on_data():
     flat = np.full((1, 1, 2, 6), 0.3) + rng.normal(0, 1e-4, (1, 1, 2, 6))
     assert 0.1 * bounds.network_bound < _jacobian_norm(model, flat, h=1e-5) <= bounds.network_bound
     x = rng.normal(0, 1, (20, 1, 2, 6))
-    pm, norms, data = _calibrated(model, x)
+    _, _, data = _calibrated(model, x)
     assert data.bound_kind == BoundKind.DATA_DEPENDENT and data.network_bound < bounds.network_bound
     gains = [_jacobian_norm(model, x[i:i + 1]) for i in range(len(x))]
     assert max(gains) <= data.network_bound <= 10 * max(gains)

@@ -190,7 +190,7 @@ def _avgpool(node, L, ctx):
 
     def build(dtype):
         ones = torch.ones((1, 1, *kernel), dtype=dtype)
-        kw = dict(stride=strides, dilation=dil)
+        kw = {"stride": strides, "dilation": dil}
         sp = (1, 1, *shape[2:])
         count = conv(F.pad(torch.ones(sp, dtype=dtype), flat), ones, **kw) if not include_pad else float(k)
         return lambda x: conv(F.pad(x, flat), ones, **kw) / count
@@ -217,4 +217,4 @@ def _weighted(node, L, ctx):
     return float(norm) * L[i]
 
 
-from . import rules_data, rules_nonlinear, rules_resize  # noqa: E402,F401  (register their rules)
+from . import rules_data, rules_nonlinear, rules_resize  # noqa: F401  (register their rules)
