@@ -24,6 +24,7 @@ __all__ = [
     "AttackPreset",
     "AttackName",
     "ChannelOrder",
+    "BoundKind",
 ]
 
 
@@ -133,3 +134,11 @@ class ChannelOrder(Vocabulary):
     RGB = "rgb"
     BGR = "bgr"
     GRAY = "gray"
+
+
+class BoundKind(Vocabulary):
+    """What a Lipschitz bound covers: every input (global), or the calibration data (data-dependent:
+    some rule bounded a product, Exp, ... from the calibrated value ranges)."""
+
+    GLOBAL = "global"
+    DATA_DEPENDENT = "data-dependent"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import parse_positive_fraction, parse_shape
+from ._common import parse_positive_fraction, parse_positive_int, parse_range, parse_shape
 
 __all__ = ["add_parser", "format_table"]
 
@@ -19,12 +19,18 @@ constant operand) it prints:
   - the relative weight error ||W - Q(W)|| / ||W|| of symmetric int8 and int4 quantization,
     per-tensor and per-channel;
 then the whole-network Lipschitz bound (input -> output, over the graph), and warnings: a CPU
-without int8 dot-product instructions (VNNI/AMX), ops without a bound rule, skipped layers."""
+without int8 dot-product instructions (VNNI/AMX), ops without a bound rule, skipped layers.
+
+A bound through an op without a rule is "unknown" (JSON null), never 0. Products of two
+activations (squeeze-excitation, attention), Exp, Sqrt, Div by an activation have no bound valid
+for every input: with --calib DATA their value ranges are calibrated on DATA and they are bounded
+there; the bound is then marked "data-dependent (on the calibration data)"."""
 
 EPILOG = """\
 examples:
   laqonnx analyze model.onnx
-  laqonnx analyze model.onnx --input-shape 1,3,32,32 --json analysis.json"""
+  laqonnx analyze model.onnx --input-shape 1,3,32,32 --json analysis.json
+  laqonnx analyze mobilenet.onnx --calib calib.npz --calib-size 256"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N,C,H,W",
         help="input shape, batch first (needed when the model's spatial size is dynamic), e.g. 1,3,32,32",
     )
+    p.add_argument("--calib", metavar="DATA",
+                   help="calibration data in the model's units (digits, mnist, a .npz, an image folder or CIFAR batches): "
+                        "bounds products, Exp, ... on it (data-dependent bound)")
+    p.add_argument("--calib-size", type=parse_positive_int, metavar="N",
+                   help="use the first N calibration examples (default: up to 1024)")
+    p.add_argument("--input-range", type=parse_range, metavar="LO,HI",
+                   help="the model's valid input range, to check the calibration data (default: 0,1 if the data lie in "
+                        "it, else their own range); write --input-range=-1,1")
     p.add_argument("--json", metavar="OUT", help="also write the analysis as JSON to OUT")
     p.add_argument("--tol", type=parse_positive_fraction, default=1e-4, help="relative tolerance of iterative operator norms (default 1e-4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -56,6 +70,15 @@ def _bits(x) -> str:
     if x.weight_bits is None:
         return "float"
     return f"{x.weight_bits} {'C' if x.weight_granularity == 'per_channel' else 'T'}"
+
+
+def _bound_text(analysis) -> str:
+    if analysis.network_bound is None:
+        missing = ", ".join(analysis.unknown_ops)
+        return "unknown" + (f" (no bound for: {missing})" if missing else "")
+    if str(analysis.bound_kind) == "data-dependent":
+        return f"{_fmt(analysis.network_bound)}, data-dependent (on the calibration data)"
+    return _fmt(analysis.network_bound)
 
 
 def format_table(analysis) -> str:
@@ -79,7 +102,7 @@ def format_table(analysis) -> str:
     if quantized:
         lines.append("bits: the stored weight's bits (QDQ model; Lipschitz and errors use the dequantized weight)")
     shape = ",".join(map(str, analysis.input_shape))
-    lines.append(f"network Lipschitz bound (input {shape} -> output, L2): {_fmt(analysis.network_bound)}")
+    lines.append(f"network Lipschitz bound (input {shape} -> output, L2): {_bound_text(analysis)}")
     for w in analysis.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -87,11 +110,15 @@ def format_table(analysis) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .._util.io import atomic_write_json, check_output_path
+    from ..errors import OptionError
     from ..lipschitz.analyze import analyze
 
     if args.json:
         check_output_path(args.json, args.model)
-    analysis = analyze(args.model, args.input_shape, progress=not args.no_progress, tol=args.tol)
+    if (args.calib_size is not None or args.input_range is not None) and args.calib is None:
+        raise OptionError("--calib-size and --input-range need --calib DATA")
+    analysis = analyze(args.model, args.input_shape, progress=not args.no_progress, tol=args.tol, calib=args.calib,
+                       calib_size=args.calib_size, input_range=args.input_range)
     print(format_table(analysis))
     if args.json:
         atomic_write_json(args.json, analysis.to_json())

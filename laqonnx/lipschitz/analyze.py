@@ -3,15 +3,19 @@
 >>> a = laqonnx.analyze("model.onnx", input_shape=(1, 3, 32, 32))
 >>> a.network_bound, [(x.name, x.lipschitz) for x in a.layers]
 >>> json.dumps(a.to_json())
+>>> laqonnx.analyze("model.onnx", calib="calib.npz").bound_kind  # products, Exp, ... on the calibration data
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
+
+from ..vocab import BoundKind
 
 __all__ = ["LayerAnalysis", "WeightErrors", "Analysis", "analyze"]
 
@@ -37,10 +41,11 @@ class LayerAnalysis:
     lipschitz_method: str
     lipschitz_note: str
     lipschitz_iterations: int
-    gain: float | None  # bound from this layer's output to the network output
+    gain: float | None  # bound from this layer's output to the network output (None: unknown)
     weight_error: WeightErrors  # of the weight as analysed (a quantized model: its dequantized weight)
     weight_bits: int | None = None  # bits of a weight stored quantized (QDQ model); None: float
     weight_granularity: str | None = None  # "per_tensor" / "per_channel" for a quantized weight
+    gain_kind: BoundKind | None = BoundKind.GLOBAL  # what the gain covers (None: unknown)
 
     def to_json(self) -> dict:
         return {
@@ -54,6 +59,7 @@ class LayerAnalysis:
             "lipschitz_note": self.lipschitz_note,
             "lipschitz_iterations": self.lipschitz_iterations,
             "gain": self.gain,
+            "gain_kind": None if self.gain_kind is None else str(self.gain_kind),
             "weight_error": {k: getattr(self.weight_error, k) for k in WeightErrors.__dataclass_fields__},
             "weight_bits": self.weight_bits,
             "weight_granularity": self.weight_granularity,
@@ -70,6 +76,9 @@ class Analysis:
     skipped: tuple[tuple[str, str, str], ...]  # (node name, op type, reason)
     warnings: tuple[str, ...]
     quantized: bool = False  # the model as read was quantized (its dequantized weights are analysed)
+    bound_kind: BoundKind | None = BoundKind.GLOBAL  # None: network_bound unknown
+    data_dependent: tuple[str, ...] = ()  # nodes bounded from calibrated ranges
+    calibration_examples: int | None = None  # examples the ranges were calibrated on (None: no --calib)
 
     def to_json(self) -> dict:
         return {
@@ -78,6 +87,9 @@ class Analysis:
             "input_shape": list(self.input_shape),
             "layers": [layer.to_json() for layer in self.layers],
             "network_bound": self.network_bound,
+            "bound_kind": None if self.bound_kind is None else str(self.bound_kind),
+            "data_dependent": list(self.data_dependent),
+            "calibration_examples": self.calibration_examples,
             "unknown_ops": list(self.unknown_ops),
             "skipped": [{"name": n, "op_type": o, "reason": r} for n, o, r in self.skipped],
             "warnings": list(self.warnings),
@@ -120,6 +132,10 @@ def analyze(
     progress: bool = True,
     tol: float = 1e-4,
     max_iter: int = 500,
+    calib: Any = None,
+    calib_size: int | None = None,
+    input_range: tuple[float, float] | None = None,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> Analysis:
     """Per-layer Lipschitz constants, weight errors and the whole-network bound of ``model``.
 
@@ -128,6 +144,13 @@ def analyze(
 
     ``input_shape`` (batch first, e.g. ``(1, 3, 32, 32)``) is required when the model's input has
     a dynamic size other than the batch. Raises :class:`laqonnx.errors.ModelError` on bad input.
+
+    Products of two activations (SE blocks, attention), Exp, LayerNormalization's tight bound and
+    the like have no global bound: ``calib`` (a data spec as :func:`laqonnx.data.open_data` accepts,
+    at most ``calib_size`` examples, checked against ``input_range``) calibrates the value ranges
+    they need, and they are then bounded on the calibration data (``bound_kind`` "data-dependent").
+    ``ranges`` (tensor name -> (min, max)) gives such ranges directly. Without either they are
+    unknown, and so is every bound through them (None, never 0).
     """
     from tqdm import tqdm
 
@@ -139,7 +162,17 @@ def analyze(
     norms = {}
     for layer in tqdm(pm.layers, desc="operator norms", unit="layer", disable=not progress, leave=False):
         norms[layer.name] = operator_norm(layer, pm.weight(layer), tol=tol, max_iter=max_iter)
-    bounds = network_bounds(pm, {k: v.value for k, v in norms.items()})
+    layer_norms = {k: v.value for k, v in norms.items()}
+    examples, notes = None, ()
+    if calib is not None:
+        from ..errors import OptionError
+        from .calib import calibrated_ranges
+
+        if ranges is not None:
+            raise OptionError("give calib or ranges, not both")
+        found = calibrated_ranges(pm, layer_norms, calib, limit=calib_size, input_range=input_range, progress=progress)
+        ranges, examples, notes = found.ranges, found.examples, found.notes
+    bounds = network_bounds(pm, layer_norms, ranges)
     layers = tuple(
         LayerAnalysis(
             name=layer.name,
@@ -156,6 +189,7 @@ def analyze(
             weight_bits=layer.weight_bits,
             weight_granularity=None if layer.weight_qparams is None
             else "per_channel" if layer.weight_qparams.per_channel else "per_tensor",
+            gain_kind=bounds.gain_kinds.get(layer.name, BoundKind.GLOBAL),
         )
         for layer in pm.layers
     )
@@ -170,6 +204,10 @@ def analyze(
         )
     for op in bounds.unknown_ops:
         warnings.append(f"no Lipschitz rule for {op}: the bound downstream of it is unknown")
+    if bounds.data_dependent:
+        on = "the given ranges" if examples is None else f"the calibration data, {examples} examples"
+        warnings.append(f"data-dependent bounds (on {on}), not for every input: {', '.join(bounds.data_dependent)}")
+    warnings += [f"calibration: {n}" for n in notes]
     for s in pm.skipped:
         warnings.append(f"skipped {s.name} ({s.op_type}): {s.reason}")
     for x in layers:
@@ -184,4 +222,7 @@ def analyze(
         skipped=tuple((s.name, s.op_type, s.reason) for s in pm.skipped),
         warnings=tuple(warnings),
         quantized=pm.quantized,
+        bound_kind=bounds.bound_kind,
+        data_dependent=bounds.data_dependent,
+        calibration_examples=examples,
     )

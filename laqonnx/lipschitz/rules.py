@@ -1,112 +1,97 @@
-"""The bound-rule registry: per-op rules ``rule(node, in_bounds, ctx) -> float | NoRule`` bounding
-the Lipschitz constant of every output of a node from those of its inputs (:data:`RULES`,
-:func:`register_rule`), and the rules for the standard ops."""
+"""The bound rules of the standard linear and structural ops, and the public face of the registry
+(:data:`RULES`, :func:`register_rule`: see :mod:`.registry`). Activations are in
+:mod:`.rules_nonlinear`, products and other data-dependent rules in :mod:`.rules_data`, Resize in
+:mod:`.rules_resize`; importing this module registers them all.
+
+Multi-input elementwise ops broadcast: a perturbed input broadcast to a larger output is copied,
+which grows its perturbation by sqrt(size(output) / size(input)) (:meth:`RuleContext.broadcast`).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
-from ..graph import PreparedModel
 from .maps import _torch, window_overlap
+from .registry import RULES, DataDependent, NoRule, Rule, RuleContext, attr, register_rule
 from .solvers import linear_map_norm
 
-__all__ = ["NoRule", "RuleContext", "Rule", "RULES", "register_rule"]
+__all__ = ["NoRule", "DataDependent", "RuleContext", "Rule", "RULES", "register_rule"]
+
+_attr = attr
 
 
-@dataclass(frozen=True)
-class NoRule:
-    """Returned by a rule that cannot bound its node (a value, not an exception)."""
+def _unary(value: float) -> Rule:
+    """``value`` times the bound of input 0; other inputs (shapes, axes, limits) must not be perturbed."""
 
-    reason: str
+    def rule(node, L, ctx):
+        if any(L[1:]):
+            return NoRule(f"{node.op_type} with a perturbed parameter input")
+        return value * L[0]
 
-
-@dataclass(frozen=True)
-class RuleContext:
-    """What a rule may look at: constants, batch-1 shapes, the layer norms."""
-
-    pm: PreparedModel
-    layer_norms: Mapping[str, float]
-    cache: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def const(self, name: str) -> np.ndarray | None:
-        if not name:
-            return None
-        try:
-            return self.pm.initializer(name)
-        except KeyError:
-            return None
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        return self.pm.shapes.get(name)
-
-
-Rule = Callable[[onnx.NodeProto, list, RuleContext], "float | NoRule"]
-RULES: dict[str, Rule] = {}
-
-
-def register_rule(*ops: str):
-    """Register ``rule(node, in_bounds, ctx) -> float | NoRule`` for op types ``ops`` (default domain).
-
-    ``in_bounds[i]`` is the bound carried by input i (0.0 for constants and tensors not downstream
-    of the perturbation); the result bounds every output of the node.
-    """
-
-    def deco(fn: Rule) -> Rule:
-        for op in ops:
-            RULES[op] = fn
-        return fn
-
-    return deco
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _constant_rule(value: float) -> Rule:
-    return lambda node, L, ctx: value * max(L[:1] or [0.0])
+    return rule
 
 
 register_rule("Relu", "Clip", "Tanh", "Dropout", "Identity", "Reshape", "Flatten", "Transpose", "Squeeze",
               "Unsqueeze", "Softmax", "Abs", "Neg", "Softplus", "Softsign", "Slice", "Split", "Cast",
-              "GlobalMaxPool", "DepthToSpace", "SpaceToDepth", "ReduceMax", "ReduceMin", "Sin", "Cos")(_constant_rule(1.0))
-register_rule("Sigmoid")(_constant_rule(0.25))
-register_rule("Shape", "Size", "Constant", "ConstantOfShape", "ArgMax", "ArgMin", "Sign", "Floor", "Ceil",
-              "Round", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual")(lambda node, L, ctx: 0.0)
-register_rule("LeakyRelu")(lambda node, L, ctx: max(1.0, abs(_attr(node, "alpha", 0.01))) * L[0])
-register_rule("Elu", "Celu")(lambda node, L, ctx: max(1.0, abs(_attr(node, "alpha", 1.0))) * L[0])
-register_rule("Selu")(lambda node, L, ctx: abs(_attr(node, "gamma", 1.0507)) * max(1.0, abs(_attr(node, "alpha", 1.6733))) * L[0])
-register_rule("HardSigmoid")(lambda node, L, ctx: abs(_attr(node, "alpha", 0.2)) * L[0])
-register_rule("HardSwish")(lambda node, L, ctx: 1.5 * L[0])
-register_rule("Add", "Sub", "Sum")(lambda node, L, ctx: sum(L))
-register_rule("Mean")(lambda node, L, ctx: sum(L) / max(1, len(L)))
-register_rule("Concat", "Max", "Min")(lambda node, L, ctx: math.sqrt(sum(x * x for x in L)))
+              "GlobalMaxPool", "DepthToSpace", "SpaceToDepth", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceLogSumExp",
+              "Sin", "Cos", "Shrink")(_unary(1.0))
+register_rule("Sigmoid")(_unary(0.25))
+# the value does not depend on the input's values: a perturbation changes nothing
+register_rule("Shape", "Size", "Constant", "ConstantOfShape", "EyeLike")(lambda node, L, ctx: 0.0)
 
 
-@register_rule("Mul", "Div")
-def _mul_div(node, L, ctx):
-    if L[0] != 0.0 and L[1] != 0.0:
-        return NoRule(f"{node.op_type} of two perturbed tensors")
-    act = 0 if L[0] != 0.0 else 1
-    if node.op_type == "Div" and act == 1:
-        return NoRule("Div with a perturbed divisor")
-    c = ctx.const(node.input[1 - act])
-    if c is None:
-        return NoRule(f"{node.op_type} by a non-constant tensor")
-    c = np.abs(c.astype(np.float64))
-    if node.op_type == "Div":
-        if np.any(c == 0):
-            return NoRule("Div by a constant containing 0")
-        c = 1.0 / c
-    return float(c.max(initial=0.0)) * L[act]
+@register_rule("Sign", "Floor", "Ceil", "Round", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "ArgMax",
+               "ArgMin", "Hardmax", "IsNaN", "IsInf", "Not", "And", "Or", "Xor", "BitShift", "Mod", "NonZero",
+               "QuantizeLinear", "TopK")
+def _discontinuous(node, L, ctx):
+    # piecewise constant or integer-valued: a tiny perturbation can jump the output, so no finite bound
+    # (a bound of 0 here would hide the jump and print a network bound of 0)
+    return NoRule(f"{node.op_type} is discontinuous in its input: no Lipschitz bound")
+
+
+def _broadcast_sum(node, L, ctx) -> list[float] | NoRule:
+    """Each perturbed input's bound times its broadcast factor to the output."""
+    out = []
+    for name, b in zip(node.input, L):
+        if not b:
+            out.append(0.0)
+            continue
+        f = ctx.broadcast(name, node.output[0])
+        if f is None:
+            return NoRule(f"{node.op_type}: shapes unknown (broadcasting)")
+        out.append(f * b)
+    return out
+
+
+@register_rule("Add", "Sub", "Sum", "Mean")
+def _add(node, L, ctx):
+    parts = _broadcast_sum(node, L, ctx)
+    if isinstance(parts, NoRule):
+        return parts
+    return sum(parts) / (len(L) if node.op_type == "Mean" else 1)
+
+
+@register_rule("Max", "Min")
+def _max_min(node, L, ctx):  # |max(a,b) - max(a',b')| <= max(|da|, |db|) elementwise
+    parts = _broadcast_sum(node, L, ctx)
+    if isinstance(parts, NoRule):
+        return parts
+    return math.sqrt(sum(x * x for x in parts))
+
+
+register_rule("Concat")(lambda node, L, ctx: math.sqrt(sum(x * x for x in L)))
+
+
+@register_rule("Where")
+def _where(node, L, ctx):  # a selection: |out_i - out'_i| <= max(|da_i|, |db_i|) while the condition holds
+    if L[0]:
+        return NoRule("Where with a perturbed condition (discontinuous)")
+    parts = _broadcast_sum(node, L, ctx)
+    if isinstance(parts, NoRule):
+        return parts
+    return math.sqrt(sum(x * x for x in parts))
 
 
 @register_rule("BatchNormalization")
@@ -118,22 +103,24 @@ def _batchnorm(node, L, ctx):
     return float(np.max(np.abs(gamma / np.sqrt(var + _attr(node, "epsilon", 1e-5))))) * L[0]
 
 
-def _size(shape) -> int | None:
-    return None if shape is None else int(np.prod(shape))
-
-
-@register_rule("GlobalAveragePool", "ReduceMean")
-def _mean_pool(node, L, ctx):
-    n_in, n_out = _size(ctx.shape(node.input[0])), _size(ctx.shape(node.output[0]))
-    return L[0] * (math.sqrt(n_out / n_in) if n_in and n_out else 1.0)  # mean of n values: 1/sqrt(n)
+@register_rule("GlobalAveragePool", "ReduceMean", "ReduceSum", "ReduceL1")
+def _reduce(node, L, ctx):
+    """Each output sums (mean: averages) k = n_in / n_out inputs: operator norm sqrt(k) (mean 1/sqrt(k))."""
+    if any(L[1:]):
+        return NoRule(f"{node.op_type} with perturbed axes")
+    n_in, n_out = ctx.size(node.input[0]), ctx.size(node.output[0])
+    mean = node.op_type in ("GlobalAveragePool", "ReduceMean")
+    if not n_in or not n_out:
+        return L[0] if mean else NoRule(f"{node.op_type}: shapes unknown")
+    return L[0] * math.sqrt(n_out / n_in if mean else n_in / n_out)
 
 
 @register_rule("Expand", "Tile")
 def _broadcast(node, L, ctx):
-    n_in, n_out = _size(ctx.shape(node.input[0])), _size(ctx.shape(node.output[0]))
-    if not n_in or not n_out:
-        return NoRule("output shape unknown")
-    return L[0] * math.sqrt(max(1.0, n_out / n_in))
+    if any(L[1:]):
+        return NoRule(f"{node.op_type} with a perturbed shape input")
+    f = ctx.broadcast(node.input[0], node.output[0])
+    return NoRule("output shape unknown") if f is None else L[0] * f
 
 
 @register_rule("Gather")
@@ -152,21 +139,20 @@ def _gather(node, L, ctx):
 
 @register_rule("Pad")
 def _pad(node, L, ctx):
-    mode = _attr(node, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _attr(node, "mode", "constant")
     if any(L[1:]):
-        return NoRule("Pad with a perturbed pad value")
-    if mode == "constant":
+        return NoRule("Pad with a perturbed pads or pad value")
+    if mode == "constant":  # cropping (negative pads) only drops elements
         return L[0]
     pads = ctx.const(node.input[1]) if len(node.input) > 1 else np.array(_attr(node, "pads", []))
     if pads is None:
         return NoRule("Pad with non-constant pads")
-    pads = np.asarray(pads, dtype=np.int64)
+    pads = np.maximum(np.asarray(pads, dtype=np.int64), 0)
     half = len(pads) // 2
-    if mode == "reflect":  # each element: itself plus at most one copy per padded side
-        factor = np.prod([1 + (pads[i] > 0) + (pads[i + half] > 0) for i in range(half)])
-    else:  # edge: a border element is copied pad times
-        factor = np.prod([1 + pads[i] + pads[i + half] for i in range(half)])
+    if mode == "reflect":  # each element: itself plus at most one mirror copy per padded side (pad < size)
+        factor = np.prod([1 + int(pads[i] > 0) + int(pads[i + half] > 0) for i in range(half)])
+    else:  # edge, wrap: each padded position copies one element, so an element is copied at most 1 + pads times
+        factor = np.prod([1 + int(pads[i]) + int(pads[i + half]) for i in range(half)])
     return L[0] * math.sqrt(float(factor))
 
 
@@ -191,8 +177,7 @@ def _avgpool(node, L, ctx):
     k = int(np.prod(kernel))
     shape = ctx.shape(node.input[0])
     torch = _torch()
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = _attr(node, "auto_pad", "NOTSET")
     include_pad = bool(_attr(node, "count_include_pad", 0))
     pads = list(_attr(node, "pads", [0] * (2 * nd)))
     if torch is None or shape is None or auto_pad != "NOTSET" or _attr(node, "ceil_mode", 0):
@@ -205,7 +190,7 @@ def _avgpool(node, L, ctx):
 
     def build(dtype):
         ones = torch.ones((1, 1, *kernel), dtype=dtype)
-        kw = dict(stride=strides, dilation=dil)
+        kw = {"stride": strides, "dilation": dil}
         sp = (1, 1, *shape[2:])
         count = conv(F.pad(torch.ones(sp, dtype=dtype), flat), ones, **kw) if not include_pad else float(k)
         return lambda x: conv(F.pad(x, flat), ones, **kw) / count
@@ -218,8 +203,18 @@ def _avgpool(node, L, ctx):
 
 @register_rule("Conv", "ConvTranspose", "Gemm", "MatMul")
 def _weighted(node, L, ctx):
+    if node.name not in ctx.layer_norms and node.op_type == "MatMul":
+        from .rules_data import matmul_pair
+
+        return matmul_pair(node, L, ctx)  # a product of two activations, or skipped
     norm = ctx.layer_norms.get(node.name)
     if norm is None:
         return NoRule("weighted node without an operator norm (skipped layer)")
     layer = ctx.pm.layer(node.name)
-    return float(norm) * L[list(node.input).index(layer.input)]
+    i = list(node.input).index(layer.input)
+    if any(b for j, b in enumerate(L) if j != i):
+        return NoRule(f"{node.op_type} with a perturbed weight or bias")
+    return float(norm) * L[i]
+
+
+from . import rules_data, rules_nonlinear, rules_resize  # noqa: F401  (register their rules)
