@@ -292,3 +292,18 @@ def test_a_model_that_fails_is_reported_and_the_others_evaluated(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("laqonnx evaluate: error: no model could be evaluated")
     assert "unsupported.onnx" in err and "corrupt.onnx" in err
+
+
+def test_softmax_behind_identity_is_stripped(signed_case) -> None:
+    """keras2onnx ends in Softmax -> Identity: attacks must still see the logits."""
+    model, _, _, x, y = signed_case
+    soft = onnx.ModelProto()
+    soft.CopyFrom(model)
+    soft.graph.node[-1].output[0] = "z"
+    soft.graph.node.extend([helper.make_node("Softmax", ["z"], ["p"], axis=1),
+                            helper.make_node("Identity", ["p"], ["logits"])])
+    kw = dict(attacks=["pgd"], input_range=RNG_RANGE, latency=False, progress=False)
+    a = laqonnx.evaluate(model, (x[:60], y[:60]), 0.3, **kw).models[0]
+    b = laqonnx.evaluate(soft, (x[:60], y[:60]), 0.3, **kw).models[0]
+    assert b.softmax_stripped and not a.softmax_stripped and b.output_name == "logits"
+    assert b.robust_accuracy == a.robust_accuracy and b.clean_accuracy == a.clean_accuracy

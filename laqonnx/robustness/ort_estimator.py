@@ -35,12 +35,31 @@ def load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelPro
 
 def logits_model(model: onnx.ModelProto, output: str | None = None) -> tuple[onnx.ModelProto, bool]:
     """Return ``(model', stripped)``: ``model'`` has one output, ``output`` (default: the first), or the
-    input of the final (Log)Softmax producing it (``stripped`` then True). ``model`` is not modified."""
+    input of the final (Log)Softmax producing it, also behind Identity nodes as keras2onnx writes them
+    (``stripped`` then True). ``model`` is not modified."""
     from ..quant.guard import logits_view
 
     name = _chosen_output(tuple(o.name for o in model.graph.output), output, "the model")
-    view = logits_view(model, name)
-    return view, view.graph.output[0].name != name
+    producer = {o: n for n in model.graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    chain, target = [], name
+    while target in producer and producer[target].op_type == "Identity" and producer[target].domain in ("", "ai.onnx"):
+        chain.append(producer[target])
+        target = producer[target].input[0]
+        if uses.get(target, 0) != 1:  # an intermediate used elsewhere: keep the graph as it is
+            return logits_view(model, name), False
+    node = producer.get(target)
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax") or node.domain not in ("", "ai.onnx"):
+        return logits_view(model, name), False
+    view = logits_view(model, target)
+    dead = {o for n in chain for o in n.output}
+    kept = [n for n in view.graph.node if not dead.intersection(n.output)]
+    del view.graph.node[:]
+    view.graph.node.extend(kept)
+    return view, True
 
 
 @dataclass
