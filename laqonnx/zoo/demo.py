@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OptionError
+from ..errors import ModelError, OptionError
 from ..vocab import AttackPreset
 
 __all__ = [
@@ -335,6 +335,8 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
                 rep = evaluate([str(made[n].path) for n in names], "digits", cfg.eps, preset=cfg.preset,
                                attacks=cfg.attacks, reference=str(float_path), limit=cfg.n_eval, latency=False,
                                sweep=sweep, seed=cfg.seed, progress=progress)
+                if rep.failed:  # evaluate skips a model it cannot run: never pair the others with the wrong names
+                    raise ModelError(f"demo: cannot evaluate {rep.failed[0].path}: {rep.failed[0].error}")
                 evals.update(zip(names, rep.models))
         bar.update()
         bar.set_description(f"demo: latency {label}")
