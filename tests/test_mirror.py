@@ -120,7 +120,8 @@ def test_opset_dependent_attribute_forms(opset: int) -> None:
     """Clip's min/max (attributes before opset 11) and Softmax's 2-D coercion before opset 13."""
     clip = N("Clip", ["input"], ["c"], min=-0.2, max=0.4) if opset < 11 else N("Clip", ["input", "lo"], ["c"])
     inits = [] if opset < 11 else [("lo", np.array(0.25, np.float32))]
-    nodes = [clip, N("Softmax", ["c"], ["s"], axis=1), N("Identity", ["s"], ["logits"])]  # not a final Softmax
+    # Neg: not a final Softmax (behind an Identity it would count as final and be stripped, as keras2onnx writes it)
+    nodes = [clip, N("Softmax", ["c"], ["s"], axis=1), N("Neg", ["s"], ["logits"])]
     model = _single(nodes, inits, [3, 4], opset=opset)
     x = _f(4, 3, 4, seed=2, scale=1.0)
     np.testing.assert_allclose(_mirror(model, x).reshape(4, -1), _ort(model, x), atol=1e-6)

@@ -8,30 +8,53 @@ import warnings
 
 from ..errors import LaqonnxWarning
 from ..vocab import AttackName, AttackPreset, ThreatNorm
-from ._common import parse_fraction, parse_positive_int
+from ._common import parse_fraction, parse_positive_int, parse_range
 
 __all__ = ["add_parser"]
 
 _ATTACKS = AttackName.values()  # as laqonnx.robustness.attacks registers them
 
+DESCRIPTION = """\
+Attack each MODEL and score every adversarial example on onnxruntime: white-box attacks on a
+differentiable mirror of the graph (QDQ as straight-through fake-quant), transfer attacks from a
+float reference, black-box attacks on onnxruntime itself. Robust accuracy is the per-example worst
+case over all attacks; a black-box attack beating the white-box ones is flagged as gradient masking.
+
+Units: data are in each model's own units and layout. --input-range LO,HI is the models' valid
+input range (default 0,1; --input-range=-1,1 for a model trained with Normalize(0.5, 0.5)): arrays
+outside it are refused, the built-in digits/mnist and image folders are mapped onto it, NHWC models
+get NHWC data. EPS is in the units of that range (8/255 in [0, 1] is 16/255 in [-1, 1]) and every
+adversarial input is clipped to it.
+
+Models made by others: a fixed batch size runs chunk by chunk; an integer input (token ids) gets
+clean accuracy, mirror agreement and latency, but no attack (Lp attacks need a continuous input);
+--output picks the classifier output of a multi-output model. A model onnxruntime cannot load or
+run is reported as failed and the others are evaluated (exit 0 if at least one was, else 2)."""
+
+EPILOG = """\
+examples:
+  laqonnx evaluate float.onnx int8.onnx --data mnist --eps 0.1 --reference float.onnx
+  laqonnx evaluate zuramai.onnx --data mnist --input-range=-1,1 --eps 0.2 --limit 200
+  laqonnx evaluate two_outputs.onnx --data test.npz --eps 8/255 --output logits --json eval.json"""
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="measure clean and robust accuracy (worst case over attacks) on the model as onnxruntime runs it",
-        description=(
-            "Attack each MODEL and score every adversarial example on onnxruntime: white-box attacks on a "
-            "differentiable mirror of the graph (QDQ as straight-through fake-quant), transfer attacks from a "
-            "float reference, black-box attacks on onnxruntime itself. Robust accuracy is the per-example "
-            "worst case over all attacks; a black-box attack beating the white-box ones is flagged as "
-            "gradient masking. Inputs are in [0, 1] and EPS is in input units."
-        ),
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX model(s) to evaluate")
     p.add_argument("--data", required=True, metavar="DATA",
-                   help="evaluation data: 'digits', an .npz with x and y, an image folder or CIFAR-10 batches "
-                        "(the test split is used)")
+                   help="labelled evaluation data: digits, mnist, an .npz with x and y in the model's units, an image "
+                        "folder or CIFAR-10 batches (the test split is used)")
     p.add_argument("--eps", required=True, type=parse_fraction, metavar="EPS",
-                   help="perturbation budget in input units, e.g. 0.1 or 8/255")
+                   help="perturbation budget in the units of --input-range, e.g. 0.1 or 8/255 for [0, 1] inputs")
+    p.add_argument("--input-range", type=parse_range, default=(0.0, 1.0), metavar="LO,HI",
+                   help="the models' valid input range, for the data check, the attacks' clipping and the units of "
+                        "EPS (default: 0,1); write --input-range=-1,1 when LO is negative")
+    p.add_argument("--output", "--output-name", dest="output", metavar="NAME",
+                   help="the classifier output of multi-output models (default: the first)")
     p.add_argument("--norm", choices=ThreatNorm.values(), default=ThreatNorm.INF.value, help="threat-model norm (default: inf)")
     p.add_argument("--preset", choices=AttackPreset.values(), default=AttackPreset.QUICK.value,
                    help="attack budget: quick (seconds), standard (minutes), thorough (long) (default: quick)")
@@ -49,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--report", metavar="DIR",
                    help="write a Markdown report with PNG plots to DIR (adds a robust-accuracy-vs-eps sweep)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
 
 
@@ -68,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
         report = evaluate(
             args.models, args.data, args.eps, norm=args.norm, preset=args.preset, attacks=args.attacks,
             reference=args.reference, limit=args.limit, batch_size=args.batch_size, latency=not args.no_latency,
-            report_dir=args.report, threads=args.threads, seed=args.seed, progress=not args.quiet,
+            report_dir=args.report, threads=args.threads, seed=args.seed, progress=not args.no_progress,
+            input_range=args.input_range, output=args.output,
         )
     for w in caught:  # our own notes (LaqonnxWarning) as one line; anything else as Python shows it
         if issubclass(w.category, LaqonnxWarning):

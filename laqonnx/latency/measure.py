@@ -2,7 +2,7 @@
 
 Latency is measured the way a deployment runs a classifier: onnxruntime's CPU execution
 provider, all graph optimizations, a fixed number of intra-op threads, sequential execution, on
-random inputs in [0, 1]. Each run is timed on its own with ``time.perf_counter_ns`` after a
+random inputs in [0, 1] (zeros for an integer input: token ids or indices). Each run is timed on its own with ``time.perf_counter_ns`` after a
 warm-up, and percentiles are reported. :func:`compare_latency` measures several models
 *interleaved* (round-robin, several rounds), so a ratio such as float / int8 is taken side by
 side under the same machine noise.
@@ -112,7 +112,7 @@ class _Options:
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-                "tensor(uint8)": np.uint8}
+                "tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 @dataclass
@@ -146,6 +146,8 @@ class _Session:
         rng = np.random.default_rng(batch)
         if self.dtype == np.uint8:
             x = rng.integers(0, 256, (batch, *dims), dtype=np.uint8)
+        elif np.issubdtype(self.dtype, np.integer):  # token ids / indices: 0 is valid for any vocabulary
+            x = np.zeros((batch, *dims), dtype=self.dtype)
         else:
             x = rng.uniform(0, 1, (batch, *dims)).astype(self.dtype)
         self._feeds[batch] = {self.input_name: x}
@@ -191,7 +193,7 @@ def _open(name: str, model: ModelLike, opts: _Options) -> _Session:
         raise ModelError(f"{name}: expected one input, the model has {len(inputs)}: {[i.name for i in inputs]}")
     dtype = _NUMPY_TYPES.get(inputs[0].type)
     if dtype is None:
-        raise ModelError(f"{name}: unsupported input type {inputs[0].type} (float or uint8 expected)")
+        raise ModelError(f"{name}: unsupported input type {inputs[0].type} (float, uint8, int32 or int64 expected)")
     return _Session(name, sess, inputs[0].name, list(inputs[0].shape), dtype, opts.input_shape)
 
 

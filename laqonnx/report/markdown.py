@@ -54,12 +54,14 @@ def _row(label: str, m: Mapping[str, Any], attacks: Sequence[str]) -> dict[str, 
         reasons = [str(detail["reason"])]
     if flag:
         notes.append("gradient masking suspected" + (f" ({'; '.join(reasons)})" if reasons else ""))
+    if m.get("error"):
+        notes.append(f"failed: {m['error']}")
     if m.get("mirror_error"):
         notes.append(f"no white-box mirror: {m['mirror_error']}")
     skipped = m.get("skipped_attacks")
     if isinstance(skipped, Mapping):
         notes += [f"{a} skipped: {why}" for a, why in skipped.items()]
-    if not robust:
+    if robust.get("worst_case") is None and not m.get("error"):
         notes.append("no robust accuracy measured")
     row: dict[str, Any] = {
         "model": label,

@@ -3,11 +3,12 @@
 - :mod:`.ort_estimator`: onnxruntime sessions returning logits, and ART's black-box estimator;
 - :mod:`.mirror`: a differentiable PyTorch mirror of the ONNX graph (QDQ as fake-quant, STE);
 - :mod:`.attacks`: the attack suite, presets and the per-example worst case;
-- :mod:`.evaluate`: ``laqonnx.evaluate(...)`` and its :class:`EvaluationReport`.
+- :mod:`.evaluate`: ``laqonnx.evaluate(...)``; :mod:`.evaldata` the data and options it reads,
+  :mod:`.evalreport` the :class:`EvaluationReport` it returns and its table.
 
 Submodules import torch / ART lazily; importing this package is cheap.
 """
 
 from __future__ import annotations
 
-__all__ = ["ort_estimator", "mirror", "attacks", "evaluate"]
+__all__ = ["ort_estimator", "mirror", "attacks", "evaluate", "evaldata", "evalreport"]

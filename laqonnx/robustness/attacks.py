@@ -37,15 +37,24 @@ Kind = Literal["white-box", "transfer", "black-box"]
 
 @dataclass(frozen=True)
 class Threat:
-    """``||delta||_norm <= eps`` around inputs in [0, 1]."""
+    """``||delta||_norm <= eps`` around inputs in ``input_range`` (the model's valid input range, in
+    whose units ``eps`` is; every candidate is clipped to it, and ART's ``clip_values`` are it)."""
 
     eps: float
     norm: Literal["inf", "2"] = "inf"
+    input_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.eps) or self.eps < 0:
             raise OptionError(f"eps must be a finite number >= 0, not {self.eps}")
         object.__setattr__(self, "norm", ThreatNorm.check(self.norm, "norm"))
+        try:
+            lo, hi = (float(v) for v in self.input_range)
+        except (TypeError, ValueError):
+            raise OptionError(f"input_range must be (lo, hi), not {self.input_range!r}") from None
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+            raise OptionError(f"input range [{lo:g}, {hi:g}] must be finite with lo < hi (Lp attacks need a finite range)")
+        object.__setattr__(self, "input_range", (lo, hi))
 
     @property
     def art_norm(self) -> float | int:
@@ -114,6 +123,7 @@ class AttackContext:
     nb_classes: int
     input_shape: tuple[int, ...]
     batch_size: int = 128
+    channels_first: bool = True  # False for an (H, W, C) model input
     seed: int = 0
     tick: Callable[[int], None] = lambda n: None
 
@@ -239,7 +249,7 @@ def _square(ctx: AttackContext, x: np.ndarray, y: np.ndarray) -> list[np.ndarray
     from art.attacks.evasion import SquareAttack
 
     if len(ctx.input_shape) != 3:
-        return NotApplicable(f"SquareAttack needs (C, H, W) inputs, not {ctx.input_shape}")
+        return NotApplicable(f"SquareAttack needs image inputs (C, H, W) or (H, W, C), not {ctx.input_shape}")
     p, t = ctx.preset, ctx.threat
     candidates = []
     for r in range(p.square_restarts):
@@ -280,7 +290,7 @@ def run_attack(name: str, ctx: AttackContext, x: np.ndarray, y: np.ndarray,
         if isinstance(out, NotApplicable):
             return out
         for cand in out:
-            cand = np.clip(cand, 0.0, 1.0)
+            cand = np.clip(cand, *ctx.threat.input_range)
             valid = perturbation_norm(cand - xs, ctx.threat.norm) <= ctx.threat.eps * (1 + 1e-5) + 1e-7
             pred = ctx.ort.labels(cand, ctx.batch_size)
             fooled[idx] |= valid & (pred != y[idx])

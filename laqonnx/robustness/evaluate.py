@@ -5,6 +5,11 @@ clean and on adversarial inputs (white-box results are flagged unreliable below 
 attack of the preset (see :mod:`.attacks`) with each candidate scored on onnxruntime; the
 per-example worst case; the gradient-masking verdict; optionally latency, model size and a cheap
 robust-accuracy-versus-eps sweep (PGD on the mirror + transfer) for the report's plot.
+
+Models made by others are taken as they are: inputs in their own range (``input_range``, in whose
+units eps is), their own layout (NHWC models get NHWC data), a fixed batch size (run chunk by
+chunk), integer inputs (token ids: no Lp attack applies), several outputs (``output``). A model
+onnxruntime cannot load or run is reported as failed and the others are still evaluated.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,123 +25,30 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import DataError, LaqonnxWarning, ModelError, OptionError
+from ..errors import DataError, LaqonnxError, LaqonnxWarning, ModelError, OptionError
+from ..graph.passes import one_line
 from ..vocab import AttackPreset
-from .attacks import ATTACKS, PRESETS, AttackContext, AttackResult, Masking, NotApplicable, Preset, Threat
+from .attacks import ATTACKS, PRESETS, AttackContext, AttackResult, NotApplicable, Preset, Threat
 from .attacks import gradient_masking, run_attack, worst_case
+from .evaldata import RunOptions, channels_first, load_eval_data, model_size, warn_large_eps
+from .evalreport import RELIABLE_AGREEMENT, EvaluationReport, FailedModel, ModelEvaluation, format_table
+from .ort_estimator import OrtModel, load_model
 
-__all__ = ["evaluate", "EvaluationReport", "ModelEvaluation", "RELIABLE_AGREEMENT", "SWEEP_MULTIPLES", "format_table"]
+__all__ = ["evaluate", "EvaluationReport", "ModelEvaluation", "FailedModel", "RELIABLE_AGREEMENT",
+           "SWEEP_MULTIPLES", "format_table", "integer_input_reason"]
 
-RELIABLE_AGREEMENT = 0.99
 SWEEP_MULTIPLES: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5)
-ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
 
 
-@dataclass(frozen=True)
-class ModelEvaluation:
-    """Everything measured on one model. ``robust_accuracy`` maps attack -> accuracy + ``worst_case``."""
-
-    path: str
-    n_examples: int
-    clean_accuracy: float
-    robust_accuracy: Mapping[str, float]
-    skipped: Mapping[str, str]
-    attack_seconds: Mapping[str, float]
-    mirror_agreement_clean: float | None
-    mirror_agreement_adversarial: float | None
-    masking: Masking
-    size_bytes: int
-    latency_ms: Mapping[str, Any] | None = None
-    robust_vs_eps: tuple[Mapping[str, float], ...] | None = None
-    softmax_stripped: bool = False
-    mirror_error: str | None = None
-
-    @property
-    def mirror_agreement(self) -> float | None:
-        vals = [v for v in (self.mirror_agreement_clean, self.mirror_agreement_adversarial) if v is not None]
-        return min(vals) if vals else None
-
-    @property
-    def white_box_reliable(self) -> bool:
-        return self.mirror_agreement is not None and self.mirror_agreement >= RELIABLE_AGREEMENT
-
-    def to_json(self) -> dict[str, Any]:
-        m = self.masking
-        out: dict[str, Any] = {
-            "path": self.path,
-            "n_examples": self.n_examples,
-            "clean_accuracy": self.clean_accuracy,
-            "robust_accuracy": dict(self.robust_accuracy),
-            "mirror_agreement": self.mirror_agreement,
-            "mirror_agreement_detail": {"clean": self.mirror_agreement_clean,
-                                        "adversarial": self.mirror_agreement_adversarial},
-            "white_box_reliable": self.white_box_reliable,
-            "gradient_masking": m.flagged,
-            "gradient_masking_detail": {"white_box_robust": m.white_box_robust, "black_box_robust": m.black_box_robust,
-                                        "gap": m.gap, "black_box_only_examples": m.black_box_only, "reason": m.reason},
-            "latency_ms": dict(self.latency_ms) if self.latency_ms is not None else None,
-            "size_bytes": self.size_bytes,
-            "skipped_attacks": dict(self.skipped),
-            "attack_seconds": dict(self.attack_seconds),
-            "softmax_stripped": self.softmax_stripped,
-        }
-        if self.mirror_error:
-            out["mirror_error"] = self.mirror_error
-        if self.robust_vs_eps is not None:
-            out["robust_vs_eps"] = [dict(p) for p in self.robust_vs_eps]
-        return out
-
-
-@dataclass(frozen=True)
-class EvaluationReport:
-    """The result of :func:`evaluate`; ``to_json()`` is what ``laqonnx evaluate --json`` writes."""
-
-    eps: float
-    norm: str
-    preset: str
-    attacks: tuple[str, ...]
-    models: tuple[ModelEvaluation, ...]
-    reference: str | None = None
-    seed: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"eps": self.eps, "norm": self.norm, "preset": self.preset, "attacks": list(self.attacks),
-                "reference": self.reference, "seed": self.seed, "models": [m.to_json() for m in self.models]}
+def integer_input_reason(dtype: Any) -> str:
+    """Why no attack runs on a model whose input has the integer ``dtype``."""
+    return f"Lp attacks need a continuous input; this model's input is {np.dtype(dtype).name}"
 
 
 def _name(model: Any, i: int) -> str:
     if isinstance(model, onnx.ModelProto):
         return model.graph.name or f"model{i}"
     return os.fspath(model)
-
-
-def _load_data(data: Any, shape: tuple[int | None, ...], limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(data, tuple) and len(data) == 2:
-        x, y = np.asarray(data[0]), np.asarray(data[1])
-    elif isinstance(data, (str, os.PathLike)):
-        from ..data import open_data
-
-        full = (None, *shape)  # open_data drops a batch axis only from 2-d / 4-d shapes
-        source = open_data(os.fspath(data), input_shape=full if len(full) in (2, 4) else None, split="test",
-                           limit=limit)
-        pairs = list(source.batches(256))
-        if not pairs:
-            raise DataError(f"data {os.fspath(data)!r} has no examples")
-        if any(p[1] is None for p in pairs):
-            raise DataError(f"data {os.fspath(data)!r} has no labels: robust accuracy needs labelled data")
-        x, y = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-    else:
-        raise DataError("data must be a data spec string or an (x, y) tuple of arrays")
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    if x.ndim < 2 or len(x) != len(y) or y.ndim != 1 or len(x) == 0:
-        raise DataError(f"data must be x (N, ...) and y (N,) with N > 0; got {x.shape} and {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"labels must be integers, not {y.dtype}")
-    x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all() or x.min() < -1e-6 or x.max() > 1 + 1e-6:
-        raise DataError(f"inputs must be finite and in [0, 1]; got range [{x.min():.3g}, {x.max():.3g}]")
-    return np.clip(x, 0.0, 1.0), y.astype(np.int64)
 
 
 class _Bar:
@@ -160,10 +73,60 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _mirror_art(model: onnx.ModelProto, shape: tuple[int, ...], classes: int) -> Any:
-    from .mirror import build_mirror, mirror_classifier
+def _build_mirror(model: onnx.ModelProto) -> tuple[Any | None, str | None]:
+    """The model's torch mirror, or None and why there is none."""
+    from .mirror import build_mirror
 
-    return mirror_classifier(build_mirror(model), shape, classes)
+    try:
+        return build_mirror(model), None
+    except ModelError as exc:
+        return None, str(exc)
+
+
+def _mirror_labels(mirror: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Top-1 of the mirror on ``x`` (any input dtype: integer inputs reach Gather as they are)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            chunk = np.ascontiguousarray(x[i:i + batch_size])
+            out.append(mirror(torch.from_numpy(chunk)).reshape(len(chunk), -1).argmax(dim=1).numpy())
+    return np.concatenate(out)
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The float model transfer attacks are crafted on."""
+
+    name: str
+    path: Path | None
+    ort: OrtModel
+    mirror: Any | None
+    mirror_error: str | None
+
+    def classifier(self, shape: tuple[int, ...], threat: Threat) -> tuple[Any | None, str | None]:
+        """ART over the reference's mirror for inputs of ``shape``, or None and why not."""
+        from .mirror import mirror_classifier
+
+        if self.mirror is None:
+            return None, f"no mirror of the reference: {self.mirror_error}"
+        try:
+            shape = self.ort.sample_shape(shape)
+        except DataError:
+            return None, f"the reference takes inputs {self.ort.declared_shape}, the model {shape}"
+        classes = self.ort.predict(np.zeros((1, *shape), self.ort.input_dtype)).shape[1]
+        return mirror_classifier(self.mirror, shape, classes, clip_values=threat.input_range,
+                                 channels_first=channels_first(shape)), None
+
+
+def _load_reference(reference: Any, output: str | None, threads: int | None) -> _Reference:
+    proto = load_model(reference)
+    names = {o.name for o in proto.graph.output}
+    ort = OrtModel(proto, threads=threads or 1, output=output if output in names else None)
+    mirror, why = _build_mirror(ort.model)
+    path = None if isinstance(reference, onnx.ModelProto) else Path(reference).resolve()
+    return _Reference(_name(reference, 0), path, ort, mirror, why)
 
 
 def _sweep(ctx: AttackContext, x: np.ndarray, y: np.ndarray, correct: np.ndarray,
@@ -171,77 +134,103 @@ def _sweep(ctx: AttackContext, x: np.ndarray, y: np.ndarray, correct: np.ndarray
     p = dataclasses.replace(ctx.preset, pgd_steps=min(ctx.preset.pgd_steps, 20), pgd_restarts=1)
     points = []
     for mult in SWEEP_MULTIPLES:
-        sub = dataclasses.replace(ctx, threat=Threat(ctx.threat.eps * mult, ctx.threat.norm), preset=p)
+        sub = dataclasses.replace(ctx, threat=dataclasses.replace(ctx.threat, eps=ctx.threat.eps * mult), preset=p)
         results = [r for name in ("pgd", "transfer") if name != "transfer" or with_transfer
                    for r in [run_attack(name, sub, x, y, correct)] if isinstance(r, AttackResult)]
         points.append({"eps": sub.threat.eps, "robust_accuracy": float(worst_case(correct, results).mean())})
     return tuple(points)
 
 
-def _evaluate_one(model: Any, name: str, x: np.ndarray, y: np.ndarray, attacks: Sequence[str], threat: Threat,
-                  preset: Preset, reference_art: Any, ref_reason: str | None, opts: dict[str, Any]) -> ModelEvaluation:
-    from .ort_estimator import OrtModel, load_model, ort_classifier
+@dataclass(frozen=True)
+class _Job:
+    """What every model of one :func:`evaluate` call is evaluated with."""
 
+    data: Any
+    limit: int | None
+    attacks: tuple[str, ...]
+    threat: Threat
+    preset: Preset
+    output: str | None
+    reference: _Reference | None
+    opts: RunOptions
+
+
+def _evaluate_one(model: Any, name: str, job: _Job) -> ModelEvaluation:
+    from .mirror import mirror_classifier
+    from .ort_estimator import ort_classifier
+
+    opts, threat = job.opts, job.threat
     proto = load_model(model)
-    ort = OrtModel(proto, threads=opts["threads"] or 1)
+    ort = OrtModel(proto, threads=opts.threads or 1, output=job.output)
+    x, y = load_eval_data(job.data, ort, limit=job.limit, input_range=threat.input_range)
     shape = ort.sample_shape(tuple(x.shape[1:]))
-    logits = ort.predict(x, opts["batch_size"])
-    classes = logits.shape[1]
+    logits = ort.predict(x, opts.batch_size)
+    classes, pred = logits.shape[1], logits.argmax(axis=1)
     if y.max() >= classes or y.min() < 0:
         raise DataError(f"labels range over [{y.min()}, {y.max()}] but {name} has {classes} outputs")
-    pred = logits.argmax(axis=1)
     correct = pred == y
-    mirror_art = mirror_error = agree_clean = None
-    try:
-        mirror_art = _mirror_art(ort.model, shape, classes)
-        mpred = mirror_art.predict(x, batch_size=opts["batch_size"]).argmax(axis=1)
-        agree_clean = float((mpred == pred).mean())
-    except ModelError as exc:
-        mirror_error = str(exc)
-    except RuntimeError as exc:  # torch could not evaluate the graph (shapes it does not support)
-        mirror_error = f"the mirror failed on this model: {str(exc).splitlines()[0]}"
-        mirror_art = None
-    ctx = AttackContext(threat=threat, preset=preset, ort=ort, ort_art=ort_classifier(ort, shape, classes),
-                        mirror_art=mirror_art, reference_art=reference_art, nb_classes=classes,
-                        input_shape=shape, batch_size=opts["batch_size"], seed=opts["seed"])
-    chunks = -(-int(correct.sum()) // opts["batch_size"])
-    bar = _Bar(sum(ATTACKS[a].rounds(preset) for a in attacks) * chunks, name, opts["progress"])
-    ctx.tick = bar.tick
+    mirror, mirror_error = _build_mirror(ort.model)
+    agree_clean = None
+    if mirror is not None:
+        try:
+            agree_clean = float((_mirror_labels(mirror, x, opts.batch_size) == pred).mean())
+        except RuntimeError as exc:  # torch could not evaluate the graph (shapes it does not support)
+            mirror, mirror_error = None, f"the mirror failed on this model: {str(exc).splitlines()[0]}"
     results: list[AttackResult] = []
     skipped: dict[str, str] = {}
-    for attack in attacks:
-        bar.bar.set_description(f"{Path(name).name}: {attack}")
-        if attack == "transfer" and ref_reason:
-            skipped[attack] = ref_reason
-            continue
-        if ATTACKS[attack].kind == "white-box" and mirror_error:
-            skipped[attack] = f"no mirror: {mirror_error}"
-            continue
-        out = run_attack(attack, ctx, x, y, correct)
-        if isinstance(out, NotApplicable):
-            skipped[attack] = out.reason
-        else:
-            results.append(out)
-    bar.bar.close()
-    total = sum(r.mirror_total for r in results)
-    agree_adv = sum(r.mirror_agree for r in results) / total if total else None
-    robust = {r.name: r.robust_accuracy for r in results}
-    robust["worst_case"] = float(worst_case(correct, results).mean())
     sweep = None
-    with_transfer = reference_art is not None and not ref_reason and "transfer" in attacks
-    if opts["sweep"] and (mirror_art is not None or with_transfer):  # else no attack to sweep with
-        sweep = _sweep(ctx, x, y, correct, with_transfer=with_transfer)
+    if ort.integer_input:
+        skipped = {a: integer_input_reason(ort.input_dtype) for a in job.attacks}
+    else:
+        first = channels_first(shape)
+        mirror_art = None if mirror is None else mirror_classifier(mirror, shape, classes, clip_values=threat.input_range,
+                                                                    channels_first=first)
+        ref_art, ref_reason = None, None
+        if job.reference is not None and "transfer" in job.attacks:
+            same = not isinstance(model, onnx.ModelProto) and Path(model).resolve() == job.reference.path
+            ref_art, ref_reason = ((None, "the model is the float reference itself") if same
+                                   else job.reference.classifier(shape, threat))
+        ctx = AttackContext(threat=threat, preset=job.preset, ort=ort,
+                            ort_art=ort_classifier(ort, shape, classes, clip_values=threat.input_range, channels_first=first),
+                            mirror_art=mirror_art, reference_art=ref_art, nb_classes=classes, input_shape=shape,
+                            batch_size=opts.batch_size, seed=opts.seed, channels_first=first)
+        chunks = -(-int(correct.sum()) // opts.batch_size)
+        bar = _Bar(sum(ATTACKS[a].rounds(job.preset) for a in job.attacks) * chunks, name, opts.progress)
+        ctx.tick = bar.tick
+        for attack in job.attacks:
+            bar.bar.set_description(f"{Path(name).name}: {attack}")
+            if attack == "transfer" and ref_reason:
+                skipped[attack] = ref_reason
+                continue
+            if ATTACKS[attack].kind == "white-box" and mirror_error:
+                skipped[attack] = f"no mirror: {mirror_error}"
+                continue
+            out = run_attack(attack, ctx, x, y, correct)
+            if isinstance(out, NotApplicable):
+                skipped[attack] = out.reason
+            else:
+                results.append(out)
+        bar.bar.close()
+        with_transfer = ref_art is not None
+        if opts.sweep and (mirror_art is not None or with_transfer):  # else no attack to sweep with
+            sweep = _sweep(ctx, x, y, correct, with_transfer=with_transfer)
+    total = sum(r.mirror_total for r in results)
+    robust: dict[str, float | None] = {r.name: r.robust_accuracy for r in results}
+    # no attack ran on an integer input: robust accuracy is not measured (None), never claimed to equal clean
+    robust["worst_case"] = None if ort.integer_input else float(worst_case(correct, results).mean())
     latency = None
-    if opts["latency"]:
+    if opts.latency:
         from ..latency import measure_latency
 
-        latency = measure_latency(proto, batch_sizes=(1,), input_shape=shape, threads=opts["threads"]).to_json()
-    size = os.path.getsize(model) if not isinstance(model, onnx.ModelProto) else proto.ByteSize()
+        latency = measure_latency(proto, batch_sizes=(ort.fixed_batch or 1,), input_shape=shape,
+                                  threads=opts.threads).to_json()
     return ModelEvaluation(
         path=name, n_examples=len(x), clean_accuracy=float(correct.mean()), robust_accuracy=robust, skipped=skipped,
         attack_seconds={r.name: r.seconds for r in results}, mirror_agreement_clean=agree_clean,
-        mirror_agreement_adversarial=agree_adv, masking=gradient_masking(results), size_bytes=int(size),
-        latency_ms=latency, robust_vs_eps=sweep, softmax_stripped=ort.softmax_stripped, mirror_error=mirror_error,
+        mirror_agreement_adversarial=sum(r.mirror_agree for r in results) / total if total else None,
+        masking=gradient_masking(results), size_bytes=model_size(model, proto), latency_ms=latency,
+        robust_vs_eps=sweep, softmax_stripped=ort.softmax_stripped, mirror_error=mirror_error,
+        output_name=ort.output_name, input_shape=shape, input_dtype=ort.input_dtype.name,
     )
 
 
@@ -263,11 +252,30 @@ def evaluate(
     threads: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    output: str | None = None,
 ) -> EvaluationReport:
     """Attack each model (path or ``onnx.ModelProto``, or a list of them) and score it on onnxruntime.
 
-    ``data`` is a data spec (see :func:`laqonnx.data.open_data`, test split) or an ``(x, y)`` tuple
-    with ``x`` in [0, 1]. ``attacks`` restricts the preset's attacks (names in
+    ``data`` is a data spec (see :func:`laqonnx.data.open_data`, test split), a ``DataSource`` or an
+    ``(x, y)`` tuple, in each model's own units and layout: ``input_range`` ``(lo, hi)`` (default
+    ``(0, 1)``) is the models' valid input range; arrays outside it are refused (:class:`DataError`
+    naming it), pixel sources (digits, mnist, images, CIFAR) are mapped onto it, an ``(H, W, C)``
+    model gets channels-last images. ``eps`` is in the units of ``input_range`` (8/255 in [0, 1] is
+    16/255 in [-1, 1]); every candidate is clipped to it. An L-inf eps of at least half the range's
+    width warns (:class:`LaqonnxWarning`). ``output`` names the classifier output of multi-output
+    models (default: the first; an unknown name is a :class:`ModelError` listing the outputs).
+
+    A model with a fixed batch size runs chunk by chunk at that size (onnxruntime, mirror, latency).
+    A model with an integer input (token ids) gets its clean accuracy, mirror agreement and
+    latency; every attack is skipped with :func:`integer_input_reason` (Lp balls need a
+    continuous input) and ``robust_accuracy["worst_case"]`` is None: not measured, rather than
+    claimed equal to the clean accuracy. A model that cannot be evaluated (onnxruntime cannot load
+    or run it, the data do not fit it) is listed in ``report.failed`` with its one-line reason and
+    a warning, and the others are evaluated; if none can be, its error (or, for several models, one
+    naming each) is raised.
+
+    ``attacks`` restricts the preset's attacks (names in
     :data:`~laqonnx.robustness.attacks.ATTACK_NAMES`, run with the preset's budgets). ``reference``
     is the float model used for transfer attacks. ``sweep`` (default: on iff ``report_dir``)
     adds robust accuracy at 0, 0.25, 0.5, 1 and 1.5 x eps. ``report_dir`` writes the Markdown +
@@ -280,7 +288,7 @@ def evaluate(
     if given, else :func:`laqonnx.latency.measure_latency`'s default (physical cores).
     """
     preset = AttackPreset.check(preset, "preset")
-    threat = Threat(float(eps), str(norm))
+    threat = Threat(float(eps), str(norm), tuple(input_range))  # type: ignore[arg-type]
     chosen = PRESETS[preset]
     names = tuple(attacks) if attacks is not None else chosen.attacks
     unknown = [a for a in names if a not in ATTACKS]
@@ -291,76 +299,51 @@ def evaluate(
     model_list = list(models) if isinstance(models, (list, tuple)) else [models]
     if not model_list:
         raise OptionError("give at least one model")
-    from .ort_estimator import OrtModel, load_model
-
     if threads is not None and threads < 1:
         raise OptionError(f"threads must be >= 1, not {threads}")
-    first = OrtModel(load_model(model_list[0]), threads=threads or 1)
-    x, y = _load_data(data, first.declared_shape, limit)
-    opts = {"threads": threads, "batch_size": batch_size, "seed": seed, "progress": progress, "latency": latency,
-            "sweep": bool(report_dir) if sweep is None else sweep}
-    reference_art, ref_name = None, None
-    evaluations = []
+    warn_large_eps(threat)
+    opts = RunOptions(threads=threads, batch_size=batch_size, seed=seed, progress=progress, latency=latency,
+                      sweep=bool(report_dir) if sweep is None else sweep)
+    evaluations: list[ModelEvaluation] = []
+    failed: list[tuple[Any, FailedModel, LaqonnxError]] = []
     with _torch_threads(threads or 1):
-        if reference is not None and "transfer" in names:
-            ref = OrtModel(load_model(reference), threads=threads or 1)
-            ref_name = _name(reference, 0)
-            reference_art = _mirror_art(ref.model, ref.sample_shape(tuple(x.shape[1:])), ref.predict(x[:1]).shape[1])
+        ref = _load_reference(reference, output, threads) if reference is not None and "transfer" in names else None
+        job = _Job(data, limit, names, threat, chosen, output, ref, opts)
         for i, model in enumerate(model_list):
             name = _name(model, i)
-            same = (reference is not None and not isinstance(model, onnx.ModelProto)
-                    and not isinstance(reference, onnx.ModelProto) and Path(model).resolve() == Path(reference).resolve())
-            ref_reason = "the model is the float reference itself" if same else None
-            evaluations.append(_evaluate_one(model, name, x, y, names, threat, chosen, reference_art, ref_reason, opts))
+            try:
+                evaluations.append(_evaluate_one(model, name, job))
+            except LaqonnxError as exc:
+                failed.append((model, FailedModel(name, one_line(exc, 500)), exc))
+    if not evaluations:
+        errors = [e for _, _, e in failed]
+        if len(errors) == 1:
+            raise errors[0]
+        kind = type(errors[0]) if all(type(e) is type(errors[0]) for e in errors) else ModelError
+        raise kind("no model could be evaluated: " + "; ".join(f"{Path(f.path).name}: {f.error}" for _, f, _ in failed))
+    for _, f, _ in failed:
+        warnings.warn(f"{f.path} was not evaluated: {f.error}", LaqonnxWarning, stacklevel=2)
     report = EvaluationReport(eps=threat.eps, norm=threat.norm, preset=preset, attacks=names,
-                              models=tuple(evaluations), reference=ref_name, seed=seed)
+                              models=tuple(evaluations), reference=None if ref is None else ref.name, seed=seed,
+                              input_range=threat.input_range, failed=tuple(f for _, f, _ in failed))
     if report_dir is not None:
         from ..report import write_report
 
         if analyses is None:
-            analyses = _analyses(model_list, [m.path for m in evaluations], tuple(x.shape[1:]))
+            bad = {id(m) for m, _, _ in failed}
+            analyses = _analyses([m for m in model_list if id(m) not in bad], evaluations)
         write_report(report.to_json(), report_dir, analyses=analyses)
     return report
 
 
-def _analyses(models: list[Any], names: list[str], shape: tuple[int, ...]) -> dict[str, dict]:
+def _analyses(models: list[Any], evaluations: list[ModelEvaluation]) -> dict[str, dict]:
     """Per-layer Lipschitz analyses for the report's plot; a model the analysis rejects is left out."""
-    import warnings
-
     from ..lipschitz.analyze import analyze
-    from ..errors import LaqonnxError
 
     out: dict[str, dict] = {}
-    for model, name in zip(models, names):
+    for model, ev in zip(models, evaluations):
         try:
-            out[name] = analyze(model, (1, *shape), progress=False).to_json()
+            out[ev.path] = analyze(model, (1, *(ev.input_shape or ())), progress=False).to_json()
         except LaqonnxError as exc:
-            warnings.warn(f"no Lipschitz analysis of {name} in the report: {exc}", LaqonnxWarning, stacklevel=3)
+            warnings.warn(f"no Lipschitz analysis of {ev.path} in the report: {exc}", LaqonnxWarning, stacklevel=3)
     return out
-
-
-def format_table(report: EvaluationReport) -> str:
-    """A plain-text table: one row per model, one column per attack plus the worst case."""
-    cols = [a for a in report.attacks if any(a in m.robust_accuracy for m in report.models)] + ["worst_case"]
-    head = ["model", "clean", *cols, "mirror", "masking", "p50 ms", "size KB"]
-    rows = [head]
-    for m in report.models:
-        agree = "n/a" if m.mirror_agreement is None else f"{m.mirror_agreement:.1%}" + ("" if m.white_box_reliable else "!")
-        p50 = "-" if not m.latency_ms else f"{m.latency_ms['p50']:.3f}"
-        rows.append([Path(m.path).name, f"{m.clean_accuracy:.3f}",
-                     *[f"{m.robust_accuracy[c]:.3f}" if c in m.robust_accuracy else "-" for c in cols],
-                     agree, "FLAG" if m.masking.flagged else "ok", p50, f"{m.size_bytes / 1024:.1f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = [f"eps={report.eps:g} (L{report.norm}), preset={report.preset}; robust accuracy scored on onnxruntime"]
-    for m in report.models:
-        if not m.white_box_reliable:
-            notes.append(f"{Path(m.path).name}: mirror agreement below {RELIABLE_AGREEMENT:.0%} or no mirror: "
-                         "white-box results are unreliable")
-        if m.masking.flagged:
-            notes.append(f"{Path(m.path).name}: gradient masking suspected: {m.masking.reason}")
-        for a, why in m.skipped.items():
-            notes.append(f"{Path(m.path).name}: {a} skipped: {why}")
-    return "\n".join(lines + [""] + notes)
-

@@ -244,8 +244,9 @@ def build_mirror(model: str | os.PathLike[str] | onnx.ModelProto, *, ste: STE = 
 
 
 def mirror_classifier(mirror: torch.nn.Module, input_shape: tuple[int, ...], nb_classes: int,
-                      clip_values: tuple[float, float] = (0.0, 1.0)) -> Any:
-    """ART ``PyTorchClassifier`` over a mirror: logits, cross-entropy loss, channels first, CPU."""
+                      clip_values: tuple[float, float] = (0.0, 1.0), channels_first: bool = True) -> Any:
+    """ART ``PyTorchClassifier`` over a mirror: logits, cross-entropy loss, CPU; ``clip_values`` is the
+    model's input range, ``channels_first=False`` for an (H, W, C) input."""
     from art.estimators.classification import PyTorchClassifier
 
     return PyTorchClassifier(
@@ -254,7 +255,7 @@ def mirror_classifier(mirror: torch.nn.Module, input_shape: tuple[int, ...], nb_
         input_shape=tuple(input_shape),
         nb_classes=int(nb_classes),
         clip_values=clip_values,
-        channels_first=True,
+        channels_first=bool(channels_first),
         device_type="cpu",
     )
 
