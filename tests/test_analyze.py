@@ -288,7 +288,10 @@ def test_report_analyses_include_the_quantized_model(tmp_path):
 
     float_model = models.cnn()
     qdq = ort_qdq(float_model, False, tmp_path)
-    out = _analyses([float_model, qdq], ["float", "int8"], (1, 8, 8))
+    from types import SimpleNamespace
+
+    evs = [SimpleNamespace(path=name, input_shape=(1, 8, 8)) for name in ("float", "int8")]
+    out = _analyses([float_model, qdq], evs)
     assert set(out) == {"float", "int8"}
     assert [x["name"] for x in out["int8"]["layers"]] == [x["name"] for x in out["float"]["layers"]]
     assert [x["weight_bits"] for x in out["int8"]["layers"]] == [8, 8, 8]

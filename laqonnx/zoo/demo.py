@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError
+from ..errors import ModelError, OptionError
 from ..vocab import AttackPreset
 from .methods import DEMO_METHODS, METHODS, SWEEP_METHODS, MethodContext, Quantized, int4_rule, layer_sizes, quantize_method, warm_up
 
@@ -149,6 +149,8 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
                 rep = evaluate([str(made[n].path) for n in names], "digits", cfg.eps, preset=cfg.preset,
                                attacks=cfg.attacks, reference=str(float_path), limit=cfg.n_eval, latency=False,
                                sweep=sweep, seed=cfg.seed, progress=progress)
+                if rep.failed:  # evaluate skips a model it cannot run: never pair the others with the wrong names
+                    raise ModelError(f"demo: cannot evaluate {rep.failed[0].path}: {rep.failed[0].error}")
                 evals.update(zip(names, rep.models))
         bar.update()
         bar.set_description(f"demo: latency {label}")
