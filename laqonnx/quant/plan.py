@@ -49,7 +49,8 @@ from typing import Any
 
 from ..errors import PlanError
 from .metric import ActivationScore, Candidate, WeightScore
-from .numerics import ActivationQuant, PerChannel, PerTensor, WeightQuant
+from .numerics import ActivationQuant, PerChannel
+from .plan_codec import activation_from_json, activation_to_json, load_rounding, rounding_bytes, weight_from_json, weight_to_json
 
 __all__ = [
     "PLAN_FORMAT",
@@ -266,81 +267,6 @@ class Plan:
         if plan.rounding_file:
             plan = dataclasses.replace(plan, rounded=load_rounding(Path(path).parent / plan.rounding_file))
         return plan
-
-
-def load_rounding(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The integer weights of adaptive layers (weight name -> array) from a plan's rounding file,
-    read with ``allow_pickle=False``."""
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except FileNotFoundError as exc:
-        raise PlanError(f"the plan's rounding file {path} is missing (it holds the adaptive layers' integer weights)") from exc
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"cannot read the rounding file {path}: {exc}") from exc
-
-
-def rounding_bytes(rounded: Mapping[str, Any]) -> bytes:
-    """The rounding file's content: a compressed .npz of the integer weights."""
-    import io
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in rounded.items()})
-    return buf.getvalue()
-
-
-def weight_to_json(w: WeightQuant | None) -> dict[str, Any] | None:
-    if w is None:
-        return None
-    per_channel = isinstance(w.granularity, PerChannel)
-    out: dict[str, Any] = {
-        "bits": w.bits,
-        "granularity": "per_channel" if per_channel else "per_tensor",
-        "method": w.method,
-        "percentile": w.percentile,
-    }
-    if w.rounding != "nearest":
-        out["rounding"] = w.rounding
-    if per_channel:
-        out["axis"] = w.granularity.axis
-    return out
-
-
-def weight_from_json(d: Mapping[str, Any] | None, channel_axis: int = 0) -> WeightQuant | None:
-    if d is None:
-        return None
-    gran = d.get("granularity", "per_tensor")
-    if gran == "per_channel":
-        granularity: PerTensor | PerChannel = PerChannel(int(d.get("axis", channel_axis)))
-    elif gran == "per_tensor":
-        granularity = PerTensor()
-    else:
-        raise PlanError(f"unknown granularity {gran!r} (per_tensor or per_channel)")
-    try:
-        return WeightQuant(
-            bits=d["bits"], granularity=granularity, method=d.get("method", "maxabs"), percentile=d.get("percentile", 99.99),
-            rounding=d.get("rounding", "nearest"),
-        )
-    except ValueError as exc:
-        raise PlanError(f"bad weight setting {dict(d)}: {exc}") from exc
-
-
-def activation_to_json(a: ActivationQuant) -> dict[str, Any]:
-    return {"bits": a.bits, "method": a.method, "percentile": a.percentile, "symmetric": a.symmetric}
-
-
-def activation_from_json(d: Mapping[str, Any]) -> ActivationQuant:
-    try:
-        return ActivationQuant(
-            bits=d["bits"], method=d.get("method", "minmax"), percentile=d.get("percentile", 99.99),
-            symmetric=d.get("symmetric", False),
-        )
-    except ValueError as exc:
-        raise PlanError(f"bad activation setting {dict(d)}: {exc}") from exc
 
 
 def _candidate_to_json(c: Candidate) -> dict[str, Any]:
