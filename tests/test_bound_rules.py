@@ -174,6 +174,7 @@ def test_a_gate_of_another_tensor_is_no_pattern():
              helper.make_node("Mul", ["input", "s"], ["o"], name="op")]
     bounds = _bounds(_model(nodes, (8,)))[2]
     assert bounds.network_bound is None and bounds.unknown_ops == ("op (Mul)",)
+    assert "data-dependent" in bounds.unknown_reasons["op (Mul)"]  # the rule's reason is kept, not dropped
 
 
 # --- LogSoftmax, broadcasting, reductions, Pad --------------------------------------------------------

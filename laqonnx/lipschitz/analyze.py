@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
@@ -79,6 +79,7 @@ class Analysis:
     bound_kind: BoundKind | None = BoundKind.GLOBAL  # None: network_bound unknown
     data_dependent: tuple[str, ...] = ()  # nodes bounded from calibrated ranges
     calibration_examples: int | None = None  # examples the ranges were calibrated on (None: no --calib)
+    unknown_reasons: Mapping[str, str] = field(default_factory=dict)  # node -> why it has no bound
 
     def to_json(self) -> dict:
         return {
@@ -91,6 +92,7 @@ class Analysis:
             "data_dependent": list(self.data_dependent),
             "calibration_examples": self.calibration_examples,
             "unknown_ops": list(self.unknown_ops),
+            "unknown_reasons": dict(self.unknown_reasons),
             "skipped": [{"name": n, "op_type": o, "reason": r} for n, o, r in self.skipped],
             "warnings": list(self.warnings),
         }
@@ -203,7 +205,8 @@ def analyze(
             "pairs): the bound covers the dequantized weights, not activation rounding"
         )
     for op in bounds.unknown_ops:
-        warnings.append(f"no Lipschitz rule for {op}: the bound downstream of it is unknown")
+        why = bounds.unknown_reasons.get(op)
+        warnings.append(f"no Lipschitz bound for {op}{f' ({why})' if why else ''}: the bound downstream of it is unknown")
     if bounds.data_dependent:
         on = "the given ranges" if examples is None else f"the calibration data, {examples} examples"
         warnings.append(f"data-dependent bounds (on {on}), not for every input: {', '.join(bounds.data_dependent)}")
@@ -225,4 +228,5 @@ def analyze(
         bound_kind=bounds.bound_kind,
         data_dependent=bounds.data_dependent,
         calibration_examples=examples,
+        unknown_reasons=dict(bounds.unknown_reasons),
     )

@@ -36,6 +36,7 @@ class NetworkBounds:
     bound_kind: BoundKind | None = BoundKind.GLOBAL
     data_dependent: tuple[str, ...] = ()
     gain_kinds: Mapping[str, BoundKind | None] = field(default_factory=lambda: MappingProxyType({}))
+    unknown_reasons: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # node -> why no rule
 
 
 def _subgraph_reads(node: onnx.NodeProto) -> list[str]:
@@ -57,7 +58,7 @@ class _Walk:
     data_dependent: set[str]  # tensors whose bound used a data-dependent rule
 
 
-def _propagate(pm: PreparedModel, start: str, ctx: RuleContext, unknown: dict[str, None], dd_nodes: dict[str, None]) -> _Walk:
+def _propagate(pm: PreparedModel, start: str, ctx: RuleContext, unknown: dict[str, str], dd_nodes: dict[str, None]) -> _Walk:
     """Bound of every tensor w.r.t. a perturbation of ``start`` (absent = 0: not downstream)."""
     walk = _Walk({start: 1.0}, set())
     bounds = walk.bounds
@@ -78,7 +79,7 @@ def _propagate(pm: PreparedModel, start: str, ctx: RuleContext, unknown: dict[st
             except Exception as exc:  # a malformed node must not crash the analysis
                 result = NoRule(f"rule failed: {type(exc).__name__}: {exc}")
             if isinstance(result, NoRule):
-                unknown[f"{node.name} ({op_label(node)})"] = None
+                unknown.setdefault(f"{node.name} ({op_label(node)})", result.reason)
                 out = None
             elif isinstance(result, DataDependent):
                 dd_nodes[f"{node.name} ({op_label(node)})"] = None
@@ -107,7 +108,7 @@ def network_bounds(pm: PreparedModel, layer_norms: Mapping[str, float],
     Exp and the like on the calibration data (:mod:`.rules_data`); without it they are unknown.
     """
     ctx = RuleContext(pm, layer_norms, ranges)
-    unknown: dict[str, None] = {}
+    unknown: dict[str, str] = {}
     dd_nodes: dict[str, None] = {}
     from_input = _propagate(pm, pm.input_name, ctx, unknown, dd_nodes)
     gains: dict[str, float | None] = {}
@@ -126,4 +127,5 @@ def network_bounds(pm: PreparedModel, layer_norms: Mapping[str, float],
         bound_kind=_kind(from_input, pm.output_name),
         data_dependent=tuple(dd_nodes),
         gain_kinds=MappingProxyType(kinds),
+        unknown_reasons=MappingProxyType(dict(unknown)),
     )
