@@ -1,0 +1,128 @@
+"""Adaptive rounding: laqonnx vs AMD Quark's AdaRound on the same model, time and error.
+
+The model: the zoo's PGD-trained MNIST CNN (seed 0). Calibration: the same 256 training digits.
+AMD Quark 0.13 (``quark.onnx``) offers AdaRound for int8/int16 weights only (its ONNX data types
+have no int4), so the comparison is at **int8 per-channel weights, uint8 activations**, the one
+setting both tools can run: laqonnx with adaptive rounding forced on every layer
+(``CandidateSpace(weight_bits=(8,), rounding="adaptive")``, no guard) against Quark with its
+``AdaRoundConfig`` (its defaults: 1000 iterations per layer). Each tool runs once per repeat, the
+two alternating; wall time from call to written file. Error: on the 1000 test digits, the mean
+squared logit error against the float model and top-1 agreement with it (the models' output-level
+reconstruction error), plus clean accuracy.
+
+Quark needs numpy >= 2 and onnx <= 1.22, so it runs in its own environment: create it with
+
+    python -m venv /work/qenv --system-site-packages && /work/qenv/bin/pip install amd-quark==0.13
+
+    python benchmarks/adaround_peers.py --quark-python /work/qenv/bin/python [--repeats 1]
+
+Writes benchmarks/results/adaround_peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUARK_SCRIPT = r'''
+import sys, time, numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+from quark.onnx import ModelQuantizer
+from quark.onnx.quantization.config.config import QConfig
+from quark.onnx.quantization.config.spec import QLayerConfig, Int8Spec, UInt8Spec, QuantGranularity, CalibMethod
+from quark.onnx.quantization.config.algorithm import AdaRoundConfig
+src, out, calib = sys.argv[1:4]
+x = np.load(calib)["x"]
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.batches = [x[i:i + 32] for i in range(0, len(x), 32)]
+    def get_next(self):
+        return {"input": self.batches.pop(0)} if self.batches else None
+cfg = QConfig(global_config=QLayerConfig(activation=UInt8Spec(calibration_method=CalibMethod.MinMax),
+                                         weight=Int8Spec(quant_granularity=QuantGranularity.Channel,
+                                                         calibration_method=CalibMethod.MinMax)),
+              algo_config=[AdaRoundConfig()])
+t = time.perf_counter()
+ModelQuantizer(cfg).quantize_model(src, out, Reader())
+print("SECONDS", time.perf_counter() - t)
+'''
+
+
+def _logits(path, x):
+    from laqonnx.graph.session import open_session
+
+    s = open_session(path, threads=1)
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quark-python", default="/work/qenv/bin/python", help="python of the environment with amd-quark")
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    import laqonnx
+    from laqonnx.data import open_data
+    from laqonnx.quant.metric import CandidateSpace
+    from laqonnx.quant.numerics import PerChannel
+    from laqonnx.zoo import get_model
+
+    zoo = get_model("cnn", "pgd", seed=0, dataset="mnist", eps=0.3, progress=False)
+    calib = next(open_data("mnist", input_shape=(None, 1, 28, 28), split="train", limit=256).batches(256))[0]
+    x, y = next(open_data("mnist:test", input_shape=(None, 1, 28, 28)).batches(1000))
+    ref = _logits(zoo.path, x)
+    rows: dict[str, list[dict]] = {"laqonnx-adaptive-int8": [], "quark-adaround-int8": []}
+    with tempfile.TemporaryDirectory(prefix="laqonnx-ada-") as tmp:
+        tmp = Path(tmp)
+        np.savez(tmp / "calib.npz", x=calib)
+        (tmp / "quark_run.py").write_text(QUARK_SCRIPT)
+        for r in range(args.repeats):
+            for who in (("laqonnx", "quark") if r % 2 == 0 else ("quark", "laqonnx")):
+                out = tmp / f"{who}{r}.onnx"
+                if who == "laqonnx":
+                    space = CandidateSpace(weight_bits=(8,), granularities=(PerChannel(),), weight_methods=("maxabs",),
+                                           activation_methods=("minmax",), rounding="adaptive")
+                    t = time.perf_counter()
+                    laqonnx.quantize(zoo.path, out, (calib, None), eps=0.3, candidates=space, guard=False,
+                                     progress=False)
+                    secs = time.perf_counter() - t
+                    key = "laqonnx-adaptive-int8"
+                else:
+                    p = subprocess.run([args.quark_python, str(tmp / "quark_run.py"), str(zoo.path), str(out),
+                                        str(tmp / "calib.npz")], capture_output=True, text=True)
+                    if p.returncode != 0:
+                        print(p.stderr[-3000:], file=sys.stderr)
+                        return 1
+                    secs = float(next(line.split()[1] for line in p.stdout.splitlines() if line.startswith("SECONDS")))
+                    key = "quark-adaround-int8"
+                q = _logits(out, x)
+                rows[key].append({"seconds": secs, "logit_mse": float(np.mean((q - ref) ** 2)),
+                                  "agreement": float(np.mean(q.argmax(1) == ref.argmax(1))),
+                                  "accuracy": float(np.mean(q.argmax(1) == y))})
+                print(who, rows[key][-1], flush=True)
+    summary = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
+    a, b = summary["laqonnx-adaptive-int8"], summary["quark-adaround-int8"]
+    result = {"command": "python benchmarks/adaround_peers.py " + " ".join(sys.argv[1:]), "model": str(zoo.path),
+              "load_avg": os.getloadavg(), "runs": rows, "median": summary,
+              "float_accuracy": float(np.mean(ref.argmax(1) == y)),
+              "laqonnx_over_quark_time": a["seconds"] / b["seconds"],
+              "goal_faster_at_equal_or_better_error": a["seconds"] < b["seconds"] and a["logit_mse"] <= b["logit_mse"]}
+    out = ROOT / "benchmarks" / "results" / "adaround_peers.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("median", "laqonnx_over_quark_time", "goal_faster_at_equal_or_better_error")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
