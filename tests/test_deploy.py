@@ -455,6 +455,28 @@ def test_cli_bad_arguments_give_one_line_errors(tmp_path, capsys, extra, message
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.parametrize("where", ["under-a-file", "proc", "missing-folder"])
+def test_cli_unwritable_output_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, where):
+    import os
+
+    if where == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn(in_ch=3, hw=S), src)
+    (tmp_path / "file.txt").write_text("x")
+    out = {"under-a-file": tmp_path / "file.txt" / "o.onnx", "proc": "/proc/o.onnx",
+           "missing-folder": tmp_path / "nope" / "o.onnx"}[where]
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr("laqonnx.deployment.build.build_deployed_model", no_work)
+    assert main(["deploy", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("laqonnx deploy: error: cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "m.onnx"]
+
+
 def test_cli_missing_model_is_one_line(tmp_path, capsys):
     assert main(["deploy", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -124,12 +124,11 @@ def deploy(
         image_size=image_size, resize=resize, mean=tuple(mean), std=tuple(std), channels=channels,
         labels=tuple(labels) if labels is not None else None, top_k=top_k,
     )
-    source = None
-    if isinstance(model, onnx.ModelProto):
+    source = None if isinstance(model, onnx.ModelProto) else Path(model)
+    check_output_path(output, source)  # before any work: an unwritable output is a one-line error
+    if source is None:
         proto = model
     else:
-        source = Path(model)
-        check_output_path(output, source)
         if not source.is_file():
             raise ModelError(f"model file {source} does not exist")
         try:
