@@ -10,7 +10,8 @@ from typing import Any
 
 from ..errors import OutputError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_model", "check_output_path"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_model", "check_output_path",
+           "check_output_dir"]
 
 
 def check_output_path(output: str | os.PathLike[str], *inputs: str | os.PathLike[str] | None) -> Path:
@@ -35,6 +36,23 @@ def check_output_path(output: str | os.PathLike[str], *inputs: str | os.PathLike
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write {out}: folder {parent} is not writable")
     _probe(out, parent)
+    return out
+
+
+def check_output_dir(folder: str | os.PathLike[str]) -> Path:
+    """Validate an output folder before any work: it is a writable folder, or it can be made (its
+    nearest existing ancestor is a writable folder). Nothing is created."""
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write to the folder {out}: it is a file")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # the root or "." at the latest
+    if not existing.is_dir():
+        raise OutputError(f"cannot make the folder {out}: {existing} is a file")
+    try:
+        _probe(existing / "probe", existing)
+    except OutputError:
+        verb = "write to" if existing == out else "make"
+        raise OutputError(f"cannot {verb} the folder {out}: {existing} is not writable") from None
     return out
 
 
