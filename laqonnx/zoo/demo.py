@@ -34,7 +34,7 @@ from ..errors import ModelError, OptionError
 from ..vocab import AttackPreset
 from .methods import DEMO_METHODS, METHODS, SWEEP_METHODS, MethodContext, Quantized, int4_rule, layer_sizes, quantize_method, warm_up
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "TABLE_COLUMNS", "QUICK"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "copy_float_model", "TABLE_COLUMNS", "QUICK"]
 
 # ------------------------------------------------------------------------------ the demo
 
@@ -86,6 +86,7 @@ class DemoResult:
     report: Path
     results_json: Path
     seconds: float
+    models: Path = Path("models")  # out_dir/models/<arch>-<training>/: float.onnx and one .onnx per method
 
 
 def _fmt(spec: str) -> Callable[[Any], str]:
@@ -105,6 +106,14 @@ def _model(cfg: DemoConfig, arch: str, adv: str, progress: bool) -> Path:
     over = {k: v for k, v in (("epochs", cfg.epochs), ("width", cfg.width)) if v is not None}
     conf = dataclasses.replace(conf, **over) if over else conf
     return cache.get_model(arch, adv, config=conf, cache_dir=cfg.cache_dir, progress=progress).path
+
+
+def copy_float_model(cached: Path, folder: Path) -> Path:
+    """``folder/float.onnx``: the demo's own copy of the float model from the zoo's hash-named cache
+    (the quantized models and the report then name a file in the output folder)."""
+    from .._util.io import atomic_write_bytes
+
+    return atomic_write_bytes(folder / "float.onnx", Path(cached).read_bytes())
 
 
 def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
@@ -129,10 +138,10 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
     for arch, adv in pairs:
         label = f"{arch}/{'plain' if adv == 'none' else adv}"
         bar.set_description(f"demo: train {label}")
-        float_path = _model(cfg, arch, adv, progress)
-        bar.update()
         folder = out / "models" / f"{arch}-{adv}"
         folder.mkdir(parents=True, exist_ok=True)
+        float_path = copy_float_model(_model(cfg, arch, adv, progress), folder)
+        bar.update()
         int4, budget = int4_rule(layer_sizes(float_path), cfg.mixed_bits)
         ctx = MethodContext(float_path, folder, cfg.eps, "digits", cfg.calib_limit, budget, int4, progress)
         warm_up(ctx)
@@ -183,5 +192,5 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
     atomic_write_text(out / "table.txt", table + "\n")
     if echo is not None:
         echo(table)
-    return DemoResult(tuple(rows), table, report_path, results, seconds)
+    return DemoResult(tuple(rows), table, report_path, results, seconds, out / "models")
 
