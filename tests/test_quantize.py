@@ -363,3 +363,33 @@ def test_option_conflicts_are_clear(tmp_path):
         laqonnx.quantize(path, tmp_path / "q3.onnx", str(tmp_path / "c.npz"), avg_weight_bits=6, max_bytes=10**6, progress=False)
     assert issubclass(OptionError, LaqonnxError)
     assert not (tmp_path / "q2.onnx").exists() and not (tmp_path / "q3.onnx").exists()
+
+
+def test_eps_of_half_the_input_range_is_a_note_and_a_plan_warning(tiny, tmp_path, capsys):
+    """--eps 8 meant as 8/255: one note naming the likely intent, recorded in the plan's warnings."""
+    model, out, _ = tiny
+    np.savez(tmp_path / "calib.npz", x=models.random_input((1, 8, 8), n=8))
+    base = ["quantize", str(model), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--objective", "mse",
+            "--no-adversarial-calib", "--no-guard", "--no-progress"]
+    assert main([*base, "--eps", "8"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "half the width" in line]
+    assert len(notes) == 1 and "input range [0, 1]" in notes[0] and "did you mean eps/255, 8/255 = 0.03137?" in notes[0]
+    assert any("did you mean eps/255, 8/255" in w for w in Plan.load(tmp_path / "out.plan.json").warnings)
+    assert main([*base, "--eps", "8/255"]) == 0
+    assert "half the width" not in capsys.readouterr().err
+    assert not any("half the width" in w for w in Plan.load(tmp_path / "out.plan.json").warnings)
+
+
+def test_without_torch_quantize_says_the_metric_differs(tiny, tmp_path, capsys, monkeypatch):
+    """As analyze does: the fallback metric is a printed note and a plan warning (torch hidden)."""
+    import sys
+
+    from laqonnx.quant.scoring import NO_TORCH_NOTE
+
+    model, out, _ = tiny
+    np.savez(tmp_path / "calib.npz", x=models.random_input((1, 8, 8), n=8))
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    assert main(["quantize", str(model), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--no-adversarial-calib",
+                 "--no-progress"]) == 0
+    assert f"note: {NO_TORCH_NOTE}" in capsys.readouterr().err.splitlines()
+    assert NO_TORCH_NOTE in Plan.load(tmp_path / "out.plan.json").warnings
