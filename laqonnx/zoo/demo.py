@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError, OptionError
+from ..report.tables import format_bytes
 from ..vocab import AttackPreset
 from .methods import DEMO_METHODS, METHODS, SWEEP_METHODS, MethodContext, Quantized, int4_rule, layer_sizes, quantize_method, warm_up
 
@@ -94,7 +95,7 @@ def _fmt(spec: str) -> Callable[[Any], str]:
 
 
 TABLE_COLUMNS = [("model", "model"), ("method", "method"), ("bits", "w-bits", _fmt(".2f")),
-                 ("kb", "KB", _fmt(".1f")), ("clean", "clean", _fmt(".3f")), ("robust", "robust", _fmt(".3f")),
+                 ("size", "size", lambda v: "—" if v is None else format_bytes(v)), ("clean", "clean", _fmt(".3f")), ("robust", "robust", _fmt(".3f")),
                  ("d_robust", "Δrobust", _fmt("+.3f")), ("p50_ms", "p50 ms", _fmt(".3f")),
                  ("lat_ratio", "×float", _fmt(".2f")), ("quant_s", "quant s", _fmt(".1f"))]
 
@@ -170,7 +171,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
         for name, q in made.items():
             ev = evals[name]
             p50 = lat[name].at(1).p50_ms
-            rows.append({"model": label, "method": name, "bits": q.avg_weight_bits, "kb": q.size_bytes / 1024,
+            rows.append({"model": label, "method": name, "bits": q.avg_weight_bits, "size": q.size_bytes,
                          "clean": ev.clean_accuracy, "robust": ev.robust_accuracy["worst_case"],
                          "d_robust": ev.robust_accuracy["worst_case"] - base.robust_accuracy["worst_case"],
                          "p50_ms": p50, "lat_ratio": p50 / lat["float"].at(1).p50_ms,
