@@ -242,3 +242,13 @@ def test_cli_report_failing_late_still_prints_and_writes_json(tiny_eval, tmp_pat
     last = err.strip().splitlines()[-1]
     assert last == "laqonnx evaluate: error: cannot write rep/report.md: No space left on device"
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command, positional", [("analyze", ["m.onnx"]), ("quantize", ["m.onnx", "-o", "q.onnx"]),
+                                                 ("evaluate", ["m.onnx", "--data", "digits", "--eps", "0.1"]),
+                                                 ("demo", [])])
+@pytest.mark.parametrize("spelling", ["--no-progress", "--quiet"])
+def test_one_progress_spelling_on_every_command(command, positional, spelling) -> None:
+    from laqonnx.cli import build_parser
+
+    assert build_parser().parse_args([command, *positional, spelling]).no_progress is True

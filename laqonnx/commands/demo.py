@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixed-bits", type=parse_positive_fraction, default=6.0, metavar="B",
                    help="nominal average weight bits of the mixed int4/int8 comparison (default 6)")
     p.add_argument("--seed", type=int, default=0, help="training and attack seed (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
 
 
