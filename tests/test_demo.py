@@ -138,6 +138,8 @@ def test_models_load_and_agree(demo):
     assert {p.stem for p in models} == set(DEMO_METHODS)  # float.onnx: the copy out of the cache
     data = json.loads(result.results_json.read_text())
     float_path = Path(next(m["path"] for m in data["evaluation"]["models"] if m["label"].endswith(" float")))
+    assert float_path.resolve() == (cfg.out_dir / "models" / "cnn-pgd" / "float.onnx").resolve()  # not the cache
+    assert result.models == cfg.out_dir / "models"
     ref = _predict(float_path, x).argmax(1)
     for path in models:
         logits = _predict(path, x)
