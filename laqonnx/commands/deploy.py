@@ -17,8 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Write one ONNX file whose input is the bytes of a PNG or JPEG image (uint8, 1-D, named "
             "image_bytes) and whose outputs are class_index (int64), topk_scores, topk_indices and, with "
-            "--labels, topk_labels. It decodes, resizes the shorter side to --resize, center-crops "
-            "--image-size, scales to [0, 1], normalizes, runs the (float or quantized) network and takes "
+            "--labels, topk_labels. It refuses bytes that are not a PNG or a well-formed JPEG, and images "
+            "declaring more than --max-image-pixels, before decoding (a session error), decodes, resizes the "
+            "shorter side to --resize, center-crops --image-size, scales to [0, 1], normalizes, runs the (float or quantized) network and takes "
             "softmax + top-k. Serving needs onnxruntime plus onnxruntime-extensions (laqonnx[deploy]), "
             "with so.register_custom_ops_library(onnxruntime_extensions.get_library_path())."
         ),
