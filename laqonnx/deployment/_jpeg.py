@@ -307,6 +307,22 @@ def _jpeg_structure_nodes(xi: str, out: str, components: str, height: str, width
     return o.nodes
 
 
+def _walk_if_jpeg(xi: str, starts_like_jpeg: str) -> list[onnx.NodeProto]:
+    """The segment walk, run only on bytes that start like a JPEG (an ``If``): on a PNG its
+    temporaries (~8 bytes per input byte) would be wasted. Outputs ``jpeg_walk_ok`` (bool) and the
+    SOF's ``jpeg_components``, ``jpeg_height``, ``jpeg_width`` (int64; False and 0 otherwise)."""
+    names = ("jpeg_walk_ok", "jpeg_components", "jpeg_height", "jpeg_width")
+    kinds = (_B, _I, _I, _I)
+    vi = helper.make_tensor_value_info
+    walk = helper.make_graph(_jpeg_structure_nodes(xi, *(f"walk_{n}" for n in names)), "jpeg_walk", [],
+                             [vi(f"walk_{n}", k, []) for n, k in zip(names, kinds)])
+    skip = helper.make_graph([_const(f"skip_{names[0]}", np.array(False)),
+                              *(_const(f"skip_{n}", np.array(0, np.int64)) for n in names[1:])], "not_a_jpeg", [],
+                             [vi(f"skip_{n}", k, []) for n, k in zip(names, kinds)])
+    return [helper.make_node("Cast", [starts_like_jpeg], ["starts_like_jpeg"], to=_B),
+            helper.make_node("If", ["starts_like_jpeg"], list(names), then_branch=walk, else_branch=skip)]
+
+
 def _size_nodes(xi: str, is_png: str, jpeg_height: str, jpeg_width: str, max_pixels: int, out: str) -> list[onnx.NodeProto]:
     """Nodes computing the int64 scalar ``out``: 1 if the declared image size is within ``max_pixels``
     (PNG: a first chunk IHDR, width and height big-endian at bytes 16..23, each >= 1; JPEG: the SOF's)."""
@@ -367,7 +383,7 @@ class RequireEncodedImage(_GraphStep):
             ]
             flags.append(f"{const}_ok")
         nodes += [
-            *_jpeg_structure_nodes("xi", "jpeg_walk_ok", "jpeg_components", "jpeg_height", "jpeg_width"),
+            *_walk_if_jpeg("xi", "jpeg_start_ok"),
             helper.make_node("Cast", ["jpeg_walk_ok"], ["jpeg_walk_ok64"], to=TensorProto.INT64),
             helper.make_node("Min", [flags[1], flags[2]], ["jpeg_ends_ok"]),
             helper.make_node("Min", ["jpeg_ends_ok", "jpeg_walk_ok64"], ["jpeg_ok"]),
