@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=parse_positive_int, metavar="K", help="number of top classes to output (default min(5, classes))")
     p.add_argument("--max-image-pixels", type=parse_positive_int, metavar="P",
                    help="refuse images declaring more than P pixels (width x height in the PNG/JPEG header) before "
-                        "decoding them, a session error (default 40000000, 40 MP: an accepted image costs about 6 "
-                        "bytes per pixel, ~0.25 GiB at the default)")
+                        "decoding them, a session error (default 40000000, 40 MP: an accepted image costs about 6.4 "
+                        "bytes per pixel, ~0.24 GiB at the default, plus 2-9 bytes per byte of the file: cap uploads too)")
     p.set_defaults(run=_run)
 
 
