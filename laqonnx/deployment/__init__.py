@@ -17,8 +17,9 @@ The pipeline, in order (the reference any test or user should reproduce):
    the decoder allocates it). Peak memory of one run, measured: ~6.4 bytes per accepted pixel (two
    3-byte copies; ~0.24 GiB at 40 MP, gray models ~0.16 GiB) plus ~2 bytes per byte of a PNG file and
    ~9 per byte of a JPEG file (the segment walk): 0.46 GiB for a 120 MB 40 MP PNG, 0.92 GiB for a
-   79 MB one as JPEG, so cap the upload size as well. libjpeg's error handler in onnxruntime-extensions 0.15 ends the process, so malformed
-   markers, tables and frame headers must not reach it;
+   79 MB one as JPEG, so cap the upload size as well. libjpeg's error handler in
+   onnxruntime-extensions 0.15 ends the process, so malformed markers, tables and frame headers must
+   not reach it;
 2. decode to BGR uint8 (``DecodeImage``; PNG alpha is dropped, palette/gray PNGs expand to 3 channels).
    PNG decoding equals PIL's; JPEG decoding differs from PIL's by up to 2 grey levels on smooth colour
    images (chroma upsampling), more on high-frequency chroma. Corrupt entropy-coded data is decoded
