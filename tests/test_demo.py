@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from laqonnx.cli import main
+from tests import models
 from laqonnx.zoo.demo import DemoConfig, run_demo
 from laqonnx.zoo.methods import DEMO_METHODS, METHODS, RECORD_METHODS, SWEEP_METHODS, int4_rule
 from laqonnx.zoo.digits import load_digits
@@ -54,10 +55,45 @@ def test_config_rejects(bad):
         DemoConfig(**bad)
 
 
-@pytest.mark.parametrize("argv", [["demo", "--archs", "vgg"], ["demo", "--examples", "0"]])
+@pytest.mark.parametrize("argv", [["demo", "--archs", "vgg"], ["demo", "--examples", "0"], ["demo", "--eps", "8/0"],
+                                  ["demo", "--mixed-bits", "x"]])
 def test_cli_refuses_bad_options(argv, capsys):
-    assert main(argv) == 2
-    assert capsys.readouterr().err.startswith("laqonnx demo: error:")
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's type= refusals
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("laqonnx demo: error:") and "Traceback" not in "\n".join(err)
+
+
+def test_cli_takes_fractions_and_says_where_everything_is(tmp_path, monkeypatch, capsys):
+    """--eps 8/255 as everywhere else; the run itself is replaced (the real one trains)."""
+    from laqonnx.zoo import demo as demo_module
+
+    seen = {}
+
+    def fake(config, progress=True):
+        seen["config"] = config
+        return demo_module.DemoResult((), "TABLE", tmp_path / "report" / "report.md", tmp_path / "results.json", 1.0,
+                                      tmp_path / "models")
+
+    monkeypatch.setattr(demo_module, "run_demo", fake)
+    assert main(["demo", "--eps", "8/255", "--mixed-bits", "13/2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert seen["config"].eps == pytest.approx(8 / 255) and seen["config"].mixed_bits == 6.5
+    out = capsys.readouterr().out
+    assert f"models: {tmp_path / 'models'}/" in out and "float.onnx" in out and str(tmp_path / "results.json") in out
+
+
+def test_float_model_is_copied_out_of_the_cache(tmp_path):
+    from laqonnx.zoo.demo import copy_float_model
+
+    cached = tmp_path / "cache" / "cnn-pgd-0123abcd.onnx"
+    cached.parent.mkdir()
+    onnx.save(models.cnn(), cached)
+    (tmp_path / "out").mkdir()
+    copy = copy_float_model(cached, tmp_path / "out")
+    assert copy == tmp_path / "out" / "float.onnx" and copy.read_bytes() == cached.read_bytes()
 
 
 # ---------------------------------------------------------------- end to end (one tiny run)
@@ -99,9 +135,11 @@ def test_models_load_and_agree(demo):
     cfg, result = demo
     x, y = load_digits(SIZE, "test")
     models = sorted((cfg.out_dir / "models" / "cnn-pgd").glob("*.onnx"))
-    assert {p.stem for p in models} == set(DEMO_METHODS) - {"float"}
+    assert {p.stem for p in models} == set(DEMO_METHODS)  # float.onnx: the copy out of the cache
     data = json.loads(result.results_json.read_text())
     float_path = Path(next(m["path"] for m in data["evaluation"]["models"] if m["label"].endswith(" float")))
+    assert float_path.resolve() == (cfg.out_dir / "models" / "cnn-pgd" / "float.onnx").resolve()  # not the cache
+    assert result.models == cfg.out_dir / "models"
     ref = _predict(float_path, x).argmax(1)
     for path in models:
         logits = _predict(path, x)

@@ -253,6 +253,121 @@ def test_corrupt_bytes_raise_from_session_and_session_survives(rgb_session, kind
     assert good["topk_scores"].shape == (3,)
 
 
+# ---------------------------------------------------------------- decompression bombs (declared size over the limit)
+def _png_declaring(w: int, h: int, first: bytes = b"IHDR") -> bytes:
+    """A PNG header declaring w x h, then a tiny IDAT that is wrong for that size: only a check made
+    before decoding can refuse it without the decoder allocating w x h x 3 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(first, struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+
+
+def _jpeg_declaring(h: int, w: int) -> bytes:
+    """A real 16 x 16 colour JPEG whose SOF0 says h x w."""
+    data = bytearray(encode(smooth(16, 16), "JPEG").tobytes())
+    at = data.index(b"\xff\xc0")
+    data[at + 5:at + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("png 20000x20000", _png_declaring(20000, 20000)),
+    ("png 2**31 x 1", _png_declaring(2**31, 1)),
+    ("png 1 x 2**32-1", _png_declaring(1, 2**32 - 1)),
+    ("png 7000x7000", _png_declaring(7000, 7000)),
+    ("jpeg 65500x65500", _jpeg_declaring(65500, 65500)),
+    ("jpeg 6400x6400", _jpeg_declaring(6400, 6400)),
+])
+def test_images_declaring_more_than_max_image_pixels_are_refused_before_decoding(rgb_session, name, data):
+    with pytest.raises(ORT_ERRORS, match="max_image_pixels=40000000"):
+        rgb_session.run(None, {"image_bytes": np.frombuffer(data, np.uint8)})
+    for fmt in ("PNG", "JPEG"):  # the session survives and normal images still work
+        assert run_deployed(rgb_session, encode(smooth(S, S), fmt))["topk_scores"].shape == (3,)
+
+
+def test_max_image_pixels_is_set_at_deploy_time_and_exact(tmp_path):
+    deployed, opts = build_deployed_model(cnn(seed=0, in_ch=3, hw=S), DeployOptions(max_image_pixels=20 * 20))
+    assert opts.max_image_pixels == 400
+    sess = session(deployed)
+    for fmt in ("PNG", "JPEG"):
+        assert run_deployed(sess, encode(smooth(20, 20), fmt))["topk_scores"].shape == (5,)
+        with pytest.raises(ORT_ERRORS, match="max_image_pixels=400_"):
+            sess.run(None, {"image_bytes": encode(smooth(20, 21), fmt)})
+    with pytest.raises(ORT_ERRORS, match="max_image_pixels"):  # a PNG must start with IHDR: nothing to read otherwise
+        sess.run(None, {"image_bytes": np.frombuffer(_png_declaring(4, 4, first=b"tEXt"), np.uint8)})
+    with pytest.raises(ORT_ERRORS, match="max_image_pixels"):
+        sess.run(None, {"image_bytes": np.frombuffer(_png_declaring(0, 4), np.uint8)})
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(laqonnx.errors.OptionError, match="max_image_pixels"):
+            DeployOptions(max_image_pixels=bad)
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn(in_ch=3, hw=S), src)
+    assert "1_000 pixels refused" in _cli_out(["deploy", str(src), "-o", str(tmp_path / "o.onnx"), "--max-image-pixels", "1000"])
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "o.onnx").metadata_props}
+    assert '"max_image_pixels": 1000' in meta["laqonnx.deploy"]
+
+
+def _cli_out(argv) -> str:
+    import contextlib
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    return buf.getvalue()
+
+
+_PEAK = """
+import sys
+import numpy as np, onnxruntime as ort, onnxruntime_extensions as ortx
+
+def status(key):  # kB
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key + ":")))
+
+so = ort.SessionOptions()
+so.register_custom_ops_library(ortx.get_library_path())
+so.intra_op_num_threads = 1
+sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+sess.run(None, {"image_bytes": np.fromfile(sys.argv[3], np.uint8)})  # warm-up on a small image
+data = np.fromfile(sys.argv[2], np.uint8)
+with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
+    fh.write("5")
+before = status("VmRSS")
+try:
+    sess.run(None, {"image_bytes": data})
+    outcome = "accepted"
+except Exception as exc:
+    outcome = "refused" if "max_image_pixels" in str(exc) else "error"
+print(outcome, status("VmHWM") - before)
+"""
+
+
+def test_a_real_large_png_is_refused_without_decoding_peak_memory_measured(tmp_path):
+    """A real 4000 x 4000 PNG (16 MP, 48 MB decoded, ~50 KB on disk) in a fresh process: refused at a
+    10 MP limit with (almost) no memory growth, decoded at a 20 MP limit (tens of MB)."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure the peak memory of one run")
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.fromarray(np.full((4000, 4000, 3), 90, np.uint8)).save(big)
+    Image.fromarray(smooth(S, S)).save(small)
+    grown = {}
+    for limit in (10_000_000, 20_000_000):
+        deployed, _ = build_deployed_model(cnn(seed=0, in_ch=3, hw=S), DeployOptions(max_image_pixels=limit))
+        onnx.save(deployed, tmp_path / "d.onnx")
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "d.onnx"), str(big), str(small)],
+                             capture_output=True, text=True, timeout=300, check=True).stdout.split()
+        grown[out[0]] = int(out[1]) * 1024  # the peak RSS growth during the run (/proc/self/status, kB)
+    assert set(grown) == {"refused", "accepted"}
+    assert grown["accepted"] > 40e6 and grown["refused"] < 8e6, grown
+
+
 # ---------------------------------------------------------------- malformed JPEGs (libjpeg would exit the process)
 def test_fuzzed_jpegs_give_session_errors_never_process_deaths(tmp_path):
     """A fixed seeded set (4 per corruption kind, 52, colour sources): with only the signature/end check, 35
@@ -273,9 +388,11 @@ def _unguarded(monkeypatch) -> onnx.ModelProto:
     """The deployed model with the JPEG segment walk replaced by 'accept, 3 components' (the previous guard)."""
     from laqonnx.deployment import _jpeg as _deploy_steps
 
-    def accept(xi: str, out: str, components: str) -> list:
-        return [helper.make_node("Constant", [], [out], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])),
-                helper.make_node("Constant", [], [components], value=helper.make_tensor("c", TensorProto.INT64, [], [3]))]
+    def accept(xi: str, out: str, components: str, height: str, width: str) -> list:
+        const = lambda name, kind, v: helper.make_node(  # noqa: E731
+            "Constant", [], [name], value=helper.make_tensor(name + "_v", kind, [], [v]))
+        return [const(out, TensorProto.BOOL, True), const(components, TensorProto.INT64, 3),
+                const(height, TensorProto.INT64, 1), const(width, TensorProto.INT64, 1)]
 
     monkeypatch.setattr(_deploy_steps, "_jpeg_structure_nodes", accept)
     deployed, _ = build_deployed_model(cnn(seed=1, in_ch=3, hw=S), DeployOptions(top_k=4))
@@ -354,7 +471,7 @@ def _gemm_model(in_dims: list, name: str = "input") -> onnx.ModelProto:
         (["N", 2, S, S], "channels"),
         (["N", 4, S, S], "channels"),
         (["N", 3, S, S + 1], "square"),
-        (["N", 3, "H", "W"], "square"),
+        (["N", 3, "H", "W"], "dynamic spatial size: give image_size"),
         ([4, 3, S, S], "batch"),
     ],
 )
@@ -378,6 +495,43 @@ def test_non_image_models_are_refused(dims, message):
 def test_bad_options_are_refused(opts, error, message):
     with pytest.raises(error, match=message):
         build_deployed_model(cnn(in_ch=3, hw=S), DeployOptions(**opts))
+
+
+def _dynamic_spatial(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for d, name in zip(out.graph.input[0].type.tensor_type.shape.dim[2:], ("H", "W")):
+        d.dim_param = name
+    return out
+
+
+def test_dynamic_spatial_size_is_fixed_to_image_size(tmp_path, capsys):
+    from tests.models import residual
+
+    net = residual(seed=3)  # global average pooling: runs at any size
+    dyn = _dynamic_spatial(net)
+    fixed = _dynamic_spatial(net)
+    for d in fixed.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = S
+    data = encode(smooth(12, 16), "PNG")
+    opts = DeployOptions(image_size=S, top_k=5)
+    got = run_deployed(session(build_deployed_model(dyn, opts)[0]), data)
+    ref = run_deployed(session(build_deployed_model(fixed, opts)[0]), data)
+    for key in got:
+        np.testing.assert_array_equal(got[key], ref[key])
+    onnx.save(dyn, tmp_path / "dyn.onnx")
+    assert main(["deploy", str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dynamic spatial size" in err[0] and "--image-size" in err[0]
+    assert not (tmp_path / "o.onnx").exists()
+    assert main(["deploy", str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "o.onnx"), "--image-size", "10"]) == 0
+    assert "crop 10" in capsys.readouterr().out
+    # a network that runs at one size only (Flatten -> Gemm) is refused at any other, in one line
+    onnx.save(_dynamic_spatial(cnn(in_ch=3, hw=S)), tmp_path / "flat.onnx")
+    assert main(["deploy", str(tmp_path / "flat.onnx"), "-o", str(tmp_path / "f.onnx"), "--image-size", "12"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not run at image_size 12 x 12" in err[0] and not (tmp_path / "f.onnx").exists()
+    assert main(["deploy", str(tmp_path / "flat.onnx"), "-o", str(tmp_path / "f.onnx"), "--image-size", str(S)]) == 0
 
 
 def test_gray_model_refuses_three_means():
@@ -453,6 +607,28 @@ def test_cli_bad_arguments_give_one_line_errors(tmp_path, capsys, extra, message
     if extra[0] not in ("--mean", "--channels", "--top-k"):  # refused by deploy, not argparse: no usage text
         assert len(err) == 1 and err[0].startswith("laqonnx deploy: error: ")
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc", "missing-folder"])
+def test_cli_unwritable_output_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, where):
+    import os
+
+    if where == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn(in_ch=3, hw=S), src)
+    (tmp_path / "file.txt").write_text("x")
+    out = {"under-a-file": tmp_path / "file.txt" / "o.onnx", "proc": "/proc/o.onnx",
+           "missing-folder": tmp_path / "nope" / "o.onnx"}[where]
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr("laqonnx.deployment.build.build_deployed_model", no_work)
+    assert main(["deploy", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("laqonnx deploy: error: cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "m.onnx"]
 
 
 def test_cli_missing_model_is_one_line(tmp_path, capsys):

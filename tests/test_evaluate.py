@@ -197,3 +197,58 @@ def test_white_box_reliability_threshold(clean, adv, reliable: bool) -> None:
     assert m.to_json()["white_box_reliable"] is reliable
     table = format_table(EvaluationReport(eps=0.1, norm="inf", preset="quick", attacks=("pgd",), models=(m,)))
     assert ("white-box results are unreliable" in table) is not reliable
+
+
+@pytest.fixture()
+def tiny_eval(tmp_path):
+    onnx.save(M.cnn(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=M.random_input(M.cnn(), 6), y=rng.integers(0, 10, 6))
+    (tmp_path / "file.txt").write_text("x")
+    return ["evaluate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--eps", "0.1",
+            "--attacks", "fgsm", "--no-latency", "--no-progress"]
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "a-file", "proc"])
+def test_cli_report_folder_is_checked_before_any_attack(tiny_eval, tmp_path, capsys, monkeypatch, where) -> None:
+    import os
+
+    if where == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    folder = {"under-a-file": tmp_path / "file.txt" / "rep", "a-file": tmp_path / "file.txt", "proc": "/proc/rep"}[where]
+
+    def no_work(*a, **k):
+        raise AssertionError("attacks started before the report folder was checked")
+
+    monkeypatch.setattr("laqonnx.robustness.evaluate._evaluate_one", no_work)
+    assert main([*tiny_eval, "--report", str(folder), "--json", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("laqonnx evaluate: error: cannot") and "\n" not in err and "folder" in err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_cli_report_failing_late_still_prints_and_writes_json(tiny_eval, tmp_path, capsys, monkeypatch) -> None:
+    from laqonnx.errors import OutputError
+
+    def fail(*a, **k):
+        raise OutputError("cannot write rep/report.md: No space left on device")
+
+    monkeypatch.setattr("laqonnx.report.write_report", fail)
+    monkeypatch.setattr("laqonnx.robustness.evaluate._analyses", lambda *a: {})
+    code = main([*tiny_eval, "--report", str(tmp_path / "rep"), "--json", str(tmp_path / "e.json")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "worst_case" in out and "m.onnx" in out
+    assert json.loads((tmp_path / "e.json").read_text())["models"][0]["n_examples"] == 6
+    last = err.strip().splitlines()[-1]
+    assert last == "laqonnx evaluate: error: cannot write rep/report.md: No space left on device"
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command, positional", [("analyze", ["m.onnx"]), ("quantize", ["m.onnx", "-o", "q.onnx"]),
+                                                 ("evaluate", ["m.onnx", "--data", "digits", "--eps", "0.1"]),
+                                                 ("demo", [])])
+@pytest.mark.parametrize("spelling", ["--no-progress", "--quiet"])
+def test_one_progress_spelling_on_every_command(command, positional, spelling) -> None:
+    from laqonnx.cli import build_parser
+
+    assert build_parser().parse_args([command, *positional, spelling]).no_progress is True

@@ -36,6 +36,29 @@ def test_missing_folder_and_folder_target(tmp_path):
         check_output_path(tmp_path)
 
 
+def test_unwritable_folders_are_found_before_writing(tmp_path, monkeypatch):
+    """A folder whose files cannot be created (/proc, even for root; a path under a regular file; a
+    folder where creating fails) is refused by check_output_path itself, not at write time."""
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_output_path(tmp_path / "file.txt" / "out.onnx")
+    with pytest.raises(OutputError, match="is a file"):
+        check_output_path(tmp_path / "file.txt" / "sub" / "out.onnx")
+    if os.path.isdir("/proc"):
+        with pytest.raises(OutputError, match="not writable"):
+            check_output_path("/proc/q.onnx")
+        with pytest.raises(OutputError, match="not writable"):
+            atomic_write_bytes("/proc/q.onnx", b"x")
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("laqonnx._util.io.tempfile.mkstemp", refuse)
+    with pytest.raises(OutputError, match="not writable .Permission denied"):
+        check_output_path(tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
 def test_no_temp_file_left_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")

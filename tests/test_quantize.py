@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -13,7 +14,7 @@ from onnx import numpy_helper
 
 import laqonnx
 from laqonnx.cli import main
-from laqonnx.errors import PlanError
+from laqonnx.errors import LaqonnxError, OptionError, PlanError
 from laqonnx.quant.plan import Plan
 from laqonnx.zoo.digits import load_digits
 from tests import models
@@ -201,14 +202,35 @@ def test_bad_data_is_one_line_exit_2_and_nothing_overwritten(tiny, tmp_path, cap
     assert not (tmp_path / "out.plan.json").exists()
 
 
-@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "the-input"])
-def test_unwritable_output(tiny, tmp_path, capsys, where):
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "the-input", "under-a-file", "proc"])
+def test_unwritable_output(tiny, tmp_path, capsys, monkeypatch, where):
+    """Refused up front, before the model is even loaded: one line, exit 2, nothing written."""
     model, _, before = tiny
-    out = {"missing-folder": tmp_path / "nope" / "q.onnx", "a-folder": tmp_path, "the-input": model}[where]
+    if where == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    (tmp_path / "file.txt").write_text("x")
+    out = {"missing-folder": tmp_path / "nope" / "q.onnx", "a-folder": tmp_path, "the-input": model,
+           "under-a-file": tmp_path / "file.txt" / "q.onnx", "proc": "/proc/q.onnx"}[where]
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr("laqonnx.quant.workflow.load_model", no_work)
     rc = main(["quantize", str(model), "-o", str(out), "--calib", "digits", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("laqonnx quantize: error:") and "\n" not in err
+    assert ("overwrite the input" if where == "the-input" else "cannot write") in err
     assert model.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "m.onnx", "out.onnx"]
+
+
+def test_two_budgets_are_one_line_exit_2(tiny, tmp_path, capsys):
+    model, out, _ = tiny
+    rc = main(["quantize", str(model), "-o", str(out), "--calib", "digits", "--max-bytes", "50000",
+               "--avg-weight-bits", "6", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "at most one budget" in err and "internal error" not in err
+    assert out.read_bytes() == b"previous output" and not (tmp_path / "out.plan.json").exists()
 
 
 def test_infeasible_budget_names_minimum(tiny, capsys):
@@ -337,6 +359,37 @@ def test_option_conflicts_are_clear(tmp_path):
     res = laqonnx.quantize(path, tmp_path / "q.onnx", str(tmp_path / "c.npz"), progress=False)
     with pytest.raises(PlanError, match="budget does not apply"):
         laqonnx.quantize(path, tmp_path / "q2.onnx", plan=res.plan_path, avg_weight_bits=6, progress=False)
-    with pytest.raises(ValueError, match="at most one budget"):
+    with pytest.raises(OptionError, match="at most one budget"):
         laqonnx.quantize(path, tmp_path / "q3.onnx", str(tmp_path / "c.npz"), avg_weight_bits=6, max_bytes=10**6, progress=False)
+    assert issubclass(OptionError, LaqonnxError)
     assert not (tmp_path / "q2.onnx").exists() and not (tmp_path / "q3.onnx").exists()
+
+
+def test_eps_of_half_the_input_range_is_a_note_and_a_plan_warning(tiny, tmp_path, capsys):
+    """--eps 8 meant as 8/255: one note naming the likely intent, recorded in the plan's warnings."""
+    model, out, _ = tiny
+    np.savez(tmp_path / "calib.npz", x=models.random_input((1, 8, 8), n=8))
+    base = ["quantize", str(model), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--objective", "mse",
+            "--no-adversarial-calib", "--no-guard", "--no-progress"]
+    assert main([*base, "--eps", "8"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "half the width" in line]
+    assert len(notes) == 1 and "input range [0, 1]" in notes[0] and "did you mean eps/255, 8/255 = 0.03137?" in notes[0]
+    assert any("did you mean eps/255, 8/255" in w for w in Plan.load(tmp_path / "out.plan.json").warnings)
+    assert main([*base, "--eps", "8/255"]) == 0
+    assert "half the width" not in capsys.readouterr().err
+    assert not any("half the width" in w for w in Plan.load(tmp_path / "out.plan.json").warnings)
+
+
+def test_without_torch_quantize_says_the_metric_differs(tiny, tmp_path, capsys, monkeypatch):
+    """As analyze does: the fallback metric is a printed note and a plan warning (torch hidden)."""
+    import sys
+
+    from laqonnx.quant.scoring import NO_TORCH_NOTE
+
+    model, out, _ = tiny
+    np.savez(tmp_path / "calib.npz", x=models.random_input((1, 8, 8), n=8))
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    assert main(["quantize", str(model), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--no-adversarial-calib",
+                 "--no-progress"]) == 0
+    assert f"note: {NO_TORCH_NOTE}" in capsys.readouterr().err.splitlines()
+    assert NO_TORCH_NOTE in Plan.load(tmp_path / "out.plan.json").warnings

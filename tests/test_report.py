@@ -109,10 +109,10 @@ def test_write_report_full(tmp_path):
     for line in md.splitlines():  # the results table comes first; the latency table repeats model names
         if line.startswith("| "):
             rows.setdefault(line.split(" | ")[0].lstrip("| "), line)
-    assert rows["float"].split(" | ")[1:9] == ["412 kB", "0.42", "96.2%", "61.0%", "66.0%", "55.0%", "100.0%", "no"]
-    assert rows["int8"].split(" | ")[1:9] == ["118 kB", "0.21", "95.1%", "52.0%", "60.0%", "47.0%",
+    assert rows["float"].split(" | ")[1:9] == ["402.7 KiB", "0.42", "96.2%", "61.0%", "66.0%", "55.0%", "100.0%", "no"]
+    assert rows["int8"].split(" | ")[1:9] == ["115.2 KiB", "0.21", "95.1%", "52.0%", "60.0%", "47.0%",
                                               "98.5% ⚠ white-box unreliable", "yes ⚠"]
-    assert rows["laq"].split(" | ")[1:9] == ["121 kB", "0.23", "95.5%", "57.0%", "—", "53.0%", "99.5%", "no"]
+    assert rows["laq"].split(" | ")[1:9] == ["118.2 KiB", "0.23", "95.5%", "57.0%", "—", "53.0%", "99.5%", "no"]
     assert md.count("white-box unreliable") == 1  # only the int8 row (0.985 < 0.99)
     assert "gradient masking suspected" in rows["int8"]
     assert "| 0.42 | 0.63 | 0.84 |" in md  # latency table: p50, p90, p99
@@ -168,3 +168,39 @@ def test_minimal_and_bad_evaluations(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError):
         write_report(EVALUATION, tmp_path / "file")
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (192_183, "187.7 KiB"),
+                                     (5 * 2**20 + 2**19, "5.5 MiB"), (3 * 2**30, "3.0 GiB")])
+def test_one_size_unit_everywhere(n, text):
+    from laqonnx.report import format_bytes
+    from laqonnx.report.tables import _bytes
+
+    assert format_bytes(n) == text and _bytes(n) == text
+
+
+def test_tradeoff_styles_and_spread_tell_16_models_apart():
+    from laqonnx.report.plots import _spread, _styles
+
+    labels = [f"m{i}" for i in range(16)]
+    styles = _styles(labels)
+    assert len(set(styles.values())) == 16  # colour + marker pairs
+    assert len({c for c, _ in styles.values()}) == 16 and all(styles[a][1] != styles[b][1] for a, b in zip(labels, labels[1:]))
+    xs = [100.0] * 10 + [400.0, 401.0, 250.0]
+    moved = [x + d for x, d in zip(xs, _spread(xs, 400.0))]
+    assert len(set(moved[:10])) == 10 and max(moved[:10]) - min(moved[:10]) <= 0.08 * 400 + 1e-9
+    assert abs(sum(moved[:10]) / 10 - 100.0) < 1e-9  # symmetric around the true x
+    assert moved[12] == 250.0 and moved[10] < moved[11]
+
+
+def test_lipschitz_plot_grows_with_the_layers_and_names_each(tmp_path):
+    from laqonnx.report.plots import _plot_lipschitz
+
+    many = {"layers": [{"name": f"/features/block{i}/conv/Conv", "lipschitz": 1.0 + i, "lipschitz_method": "power_iteration"}
+                       for i in range(40)], "network_bound": 10.0}
+    few = {"layers": many["layers"][:4], "network_bound": 10.0}
+    _plot_lipschitz({"big": many}, tmp_path / "many.png")
+    _plot_lipschitz({"small": few}, tmp_path / "few.png")
+    with Image.open(tmp_path / "many.png") as a, Image.open(tmp_path / "few.png") as b:
+        assert a.size[1] > 3 * b.size[1]  # a row per layer: labels never overlap
+        assert a.size[1] / 40 >= 20  # >= 20 px a row at 110 dpi, 8-pt labels

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..errors import OutputError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_model", "check_output_path"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_model", "check_output_path",
+           "check_output_dir"]
 
 
 def check_output_path(output: str | os.PathLike[str], *inputs: str | os.PathLike[str] | None) -> Path:
@@ -26,12 +27,47 @@ def check_output_path(output: str | os.PathLike[str], *inputs: str | os.PathLike
             raise OutputError(f"refusing to overwrite the input {ip}: choose another output path")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {out}: folder {parent} is not writable")
+        blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+        what = ("does not exist" if blocker is None else "is a file, not a folder" if blocker == parent
+                else f"cannot exist: {blocker} is a file")
+        raise OutputError(f"cannot write {out}: folder {parent} {what}")
     if out.is_dir():
         raise OutputError(f"cannot write {out}: it is a folder")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {out}: folder {parent} is not writable")
+    _probe(out, parent)
     return out
+
+
+def check_output_dir(folder: str | os.PathLike[str]) -> Path:
+    """Validate an output folder before any work: it is a writable folder, or it can be made (its
+    nearest existing ancestor is a writable folder). Nothing is created."""
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write to the folder {out}: it is a file")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # the root or "." at the latest
+    if not existing.is_dir():
+        raise OutputError(f"cannot make the folder {out}: {existing} is a file")
+    try:
+        _probe(existing / "probe", existing)
+    except OutputError:
+        verb = "write to" if existing == out else "make"
+        raise OutputError(f"cannot {verb} the folder {out}: {existing} is not writable") from None
+    return out
+
+
+def _probe(out: Path, parent: Path) -> None:
+    """Create and remove a temporary file beside ``out``: ``os.access`` says yes for root, and for
+    folders such as /proc whose files cannot be created; this finds out before any work is done."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: folder {parent} is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:  # pragma: no cover - a folder that lets one create but not delete
+        pass
 
 
 def _umask() -> int:
@@ -43,7 +79,10 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     out = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as fh:

@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "it, else their own range); write --input-range=-1,1")
     p.add_argument("--json", metavar="OUT", help="also write the analysis as JSON to OUT")
     p.add_argument("--tol", type=parse_positive_fraction, default=1e-4, help="relative tolerance of iterative operator norms (default 1e-4)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run)
 
 

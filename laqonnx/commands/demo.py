@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import OptionError
 from ..vocab import AttackPreset
+from ._common import parse_fraction, parse_positive_fraction, parse_positive_int
 
 __all__ = ["add_parser"]
 
@@ -29,16 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="the CNN only, shorter training, 100 examples (< 3 min)")
     p.add_argument("--archs", default=None, metavar="A,B",
                    help="comma-separated architectures among cnn, resnet, mobilenet (default: cnn,resnet; --quick: cnn)")
-    p.add_argument("--eps", type=float, default=0.1,
-                   help="L-inf attack radius in input units, pixels in [0, 1] (default 0.1, the training eps)")
+    p.add_argument("--eps", type=parse_fraction, default=0.1,
+                   help="L-inf attack radius in input units, pixels in [0, 1], e.g. 0.1 (default, the training eps) or 8/255")
     p.add_argument("--preset", choices=AttackPreset.values(), default=AttackPreset.QUICK.value,
                    help="attack budget preset of 'laqonnx evaluate' (default quick)")
-    p.add_argument("--examples", type=int, default=None, metavar="N",
+    p.add_argument("--examples", type=parse_positive_int, default=None, metavar="N",
                    help="test examples to evaluate (default 200; --quick: 100)")
-    p.add_argument("--mixed-bits", type=float, default=6.0, metavar="B",
+    p.add_argument("--mixed-bits", type=parse_positive_fraction, default=6.0, metavar="B",
                    help="nominal average weight bits of the mixed int4/int8 comparison (default 6)")
     p.add_argument("--seed", type=int, default=0, help="training and attack seed (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
 
 
@@ -64,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
           f"{config.n_eval} test examples, scored on onnxruntime; Δrobust vs the float model; "
           "latency p50 at batch 1, measured interleaved, ×float = p50 / float p50 (below 1 is faster); "
           "w-bits = average weight bits")
-    print(f"done in {result.seconds:.0f} s; results: {result.results_json}")
+    print(f"done in {result.seconds:.0f} s; results: {result.results_json} (table: {result.results_json.with_name('table.txt')})")
     print(f"report: {result.report}")
+    print(f"models: {result.models}/<arch>-<training>/ (float.onnx, the float model, and one .onnx per method)")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from ..errors import LaqonnxWarning
+from ..errors import LaqonnxWarning, OutputError
 from ..vocab import AttackName, AttackPreset, ThreatNorm
 from ._common import parse_fraction, parse_positive_int, parse_range
 
@@ -86,14 +86,20 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_path(args.json, *args.models, args.reference)
+    late: OutputError | None = None  # the report folder failed after the attacks: print and save the results first
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        report = evaluate(
-            args.models, args.data, args.eps, norm=args.norm, preset=args.preset, attacks=args.attacks,
-            reference=args.reference, limit=args.limit, batch_size=args.batch_size, latency=not args.no_latency,
-            report_dir=args.report, threads=args.threads, seed=args.seed, progress=not args.no_progress,
-            input_range=args.input_range, output=args.output,
-        )
+        try:
+            report = evaluate(
+                args.models, args.data, args.eps, norm=args.norm, preset=args.preset, attacks=args.attacks,
+                reference=args.reference, limit=args.limit, batch_size=args.batch_size, latency=not args.no_latency,
+                report_dir=args.report, threads=args.threads, seed=args.seed, progress=not args.no_progress,
+                input_range=args.input_range, output=args.output,
+            )
+        except OutputError as exc:
+            if getattr(exc, "report", None) is None:
+                raise
+            report, late = exc.report, exc
     for w in caught:  # our own notes (LaqonnxWarning) as one line; anything else as Python shows it
         if issubclass(w.category, LaqonnxWarning):
             print(f"laqonnx evaluate: note: {w.message}", file=sys.stderr)
@@ -103,6 +109,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, report.to_json())
         print(f"wrote {args.json}", file=sys.stderr)
+    if late is not None:
+        raise late
     if args.report:
         print(f"wrote the report to {args.report}", file=sys.stderr)
     return 0

@@ -95,7 +95,7 @@ def _fmt(v) -> str:
 def _run(args: argparse.Namespace) -> int:
     from .._util.io import atomic_write_json, check_output_path
     from ..quant.workflow import quantize
-    from ..report import format_table
+    from ..report import format_bytes, format_table
 
     if args.json:
         check_output_path(args.json, args.model, args.plan)
@@ -138,8 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in plan.guard.losses.items())
         print(f"guard (measured calibration loss, lower is better): {losses}; kept {plan.guard.kept}")
     agree = "not measured" if result.agreement is None else f"{result.agreement:.1%}"
-    print(f"average weight bits {result.avg_weight_bits:.3g}; size {result.size_bytes / 1024:.1f} KiB "
-          f"(float {result.float_size_bytes / 1024:.1f} KiB); top-1 agreement with float {agree}; "
+    print(f"average weight bits {result.avg_weight_bits:.3g}; size {format_bytes(result.size_bytes)} "
+          f"(float {format_bytes(result.float_size_bytes)}); top-1 agreement with float {agree}; "
           f"{result.timings.get('total', 0.0):.1f} s")
     for w in result.warnings:
         print(f"note: {w}", file=sys.stderr)

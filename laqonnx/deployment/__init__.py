@@ -11,9 +11,15 @@ and, when labels are given, ``topk_labels`` (string ``[k]``).
 The pipeline, in order (the reference any test or user should reproduce):
 
 1. refuse bytes that are neither a PNG (signature) nor a well-formed JPEG (``FF D8 FF`` ... ``FF D9``,
-   every marker segment checked by an in-graph walk, see :mod:`laqonnx.deployment._jpeg`), and grayscale
-   JPEGs (the extensions' decoder garbles them): libjpeg's error handler in onnxruntime-extensions 0.15
-   ends the process, so malformed markers, tables and frame headers must not reach it;
+   every marker segment checked by an in-graph walk, see :mod:`laqonnx.deployment._jpeg`), grayscale
+   JPEGs (the extensions' decoder garbles them), and images declaring more than ``max_image_pixels``
+   pixels (PNG IHDR, JPEG SOF width x height; default 40 MP: a decompression bomb is refused before
+   the decoder allocates it). Peak memory of one run, measured: ~6.4 bytes per accepted pixel (two
+   3-byte copies; ~0.24 GiB at 40 MP, gray models ~0.16 GiB) plus ~2 bytes per byte of a PNG file and
+   ~9 per byte of a JPEG file (the segment walk): 0.46 GiB for a 120 MB 40 MP PNG, 0.92 GiB for a
+   79 MB one as JPEG, so cap the upload size as well. libjpeg's error handler in
+   onnxruntime-extensions 0.15 ends the process, so malformed markers, tables and frame headers must
+   not reach it;
 2. decode to BGR uint8 (``DecodeImage``; PNG alpha is dropped, palette/gray PNGs expand to 3 channels).
    PNG decoding equals PIL's; JPEG decoding differs from PIL's by up to 2 grey levels on smooth colour
    images (chroma upsampling), more on high-frequency chroma. Corrupt entropy-coded data is decoded
@@ -29,8 +35,9 @@ The pipeline, in order (the reference any test or user should reproduce):
 6. HWC to CHW, multiply by float32 ``1/255``, ``(x - mean) / std`` per channel, add the batch axis;
 7. the network; then softmax over the logits (skipped if the network already ends in Softmax), top-k.
 
-The input model must have one float input of shape ``(N, C, S, S)`` with ``C`` 1 or 3 and ``N`` 1 or
-symbolic, and one output ``(N, classes)``; anything else is refused with :class:`~laqonnx.errors.ModelError`.
+The input model must have one float input of shape ``(N, C, S, S)`` with ``C`` 1 or 3, ``N`` 1 or
+symbolic and ``S`` fixed or symbolic (then ``image_size`` is required: the deployed copy is fixed to
+it, and refused unless the network runs at that size), and one output ``(N, classes)``; anything else is refused with :class:`~laqonnx.errors.ModelError`.
 
 - :mod:`.options`: :class:`DeployOptions`, :class:`DeployResult`, the model signature, labels;
 - :mod:`.build`: :func:`build_deployed_model`, :func:`deploy`;

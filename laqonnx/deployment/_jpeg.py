@@ -30,8 +30,9 @@ first scan are refused).
 A refusal is a ``Reshape`` that fails at run time, named so that onnxruntime's error message says why
 (:func:`laqonnx.deployment._steps._refuse_unless`). What remains possible: a fatal libjpeg error
 this walk does not foresee still ends the process (fuzzing with ``tests/jpeg_fuzz.py``, 15,600
-corrupted variants, found none); very large declared dimensions (up to 65500 x 65500) are not
-refused, so a small file can make the decoder allocate gigabytes. The walk costs a few passes over
+corrupted variants, found none). A declared size (PNG IHDR, JPEG SOF) above the deploy-time
+``max_image_pixels`` is refused before decoding, so a small file cannot make the decoder allocate
+gigabytes (a PNG whose first chunk is not IHDR is refused too). The walk costs a few passes over
 the bytes plus one small step per segment: about 3-8 ms per MB of JPEG on one thread here (decode
 alone: 26-50 ms per MB), noisy shared machine. This module imports onnxruntime-extensions at
 import time: import it only after ``laqonnx.errors.require("onnxruntime_extensions", "deploy")``.
@@ -274,10 +275,10 @@ def _walk_body(xs: str, last: str, n: str, markers: str) -> onnx.GraphProto:
     )
 
 
-def _jpeg_structure_nodes(xi: str, out: str, components: str) -> list[onnx.NodeProto]:
+def _jpeg_structure_nodes(xi: str, out: str, components: str, height: str, width: str) -> list[onnx.NodeProto]:
     """Nodes computing the bool scalar ``out``: the int32 bytes ``xi`` parse as a JPEG libjpeg will not abort on.
 
-    ``components`` (int64 scalar) is the SOF's component count when ``out`` is true.
+    ``components``, ``height``, ``width`` (int64 scalars) are the SOF's when ``out`` is true.
     """
     o = _Ops("j_")
     n = o.Size(xi)
@@ -299,15 +300,55 @@ def _jpeg_structure_nodes(xi: str, out: str, components: str) -> list[onnx.NodeP
         ["j_pos", "j_ok", "j_done", "j_seen", "j_sof", "j_prog", "j_qdef", "j_hdef"],
         body=_walk_body(xs, last, n, markers)))
     o.And("j_ok", "j_done", outputs=[out])
-    o.Cast(o.Gather(xs, o.Max(o.Add("j_sof", o.const(9)), o.const(0))), to=_I, outputs=[components])
+    sof_byte = lambda k: o.Cast(o.Gather(xs, o.Max(o.Add("j_sof", o.const(k)), o.const(0))), to=_I)  # noqa: E731
+    o.Identity(sof_byte(9), outputs=[components])
+    o.Add(o.Mul(sof_byte(5), o.const(256)), sof_byte(6), outputs=[height])
+    o.Add(o.Mul(sof_byte(7), o.const(256)), sof_byte(8), outputs=[width])
+    return o.nodes
+
+
+def _walk_if_jpeg(xi: str, starts_like_jpeg: str) -> list[onnx.NodeProto]:
+    """The segment walk, run only on bytes that start like a JPEG (an ``If``): on a PNG its
+    temporaries (~8 bytes per input byte) would be wasted. Outputs ``jpeg_walk_ok`` (bool) and the
+    SOF's ``jpeg_components``, ``jpeg_height``, ``jpeg_width`` (int64; False and 0 otherwise)."""
+    names = ("jpeg_walk_ok", "jpeg_components", "jpeg_height", "jpeg_width")
+    kinds = (_B, _I, _I, _I)
+    vi = helper.make_tensor_value_info
+    walk = helper.make_graph(_jpeg_structure_nodes(xi, *(f"walk_{n}" for n in names)), "jpeg_walk", [],
+                             [vi(f"walk_{n}", k, []) for n, k in zip(names, kinds)])
+    skip = helper.make_graph([_const(f"skip_{names[0]}", np.array(False)),
+                              *(_const(f"skip_{n}", np.array(0, np.int64)) for n in names[1:])], "not_a_jpeg", [],
+                             [vi(f"skip_{n}", k, []) for n, k in zip(names, kinds)])
+    return [helper.make_node("Cast", [starts_like_jpeg], ["starts_like_jpeg"], to=_B),
+            helper.make_node("If", ["starts_like_jpeg"], list(names), then_branch=walk, else_branch=skip)]
+
+
+def _size_nodes(xi: str, is_png: str, jpeg_height: str, jpeg_width: str, max_pixels: int, out: str) -> list[onnx.NodeProto]:
+    """Nodes computing the int64 scalar ``out``: 1 if the declared image size is within ``max_pixels``
+    (PNG: a first chunk IHDR, width and height big-endian at bytes 16..23, each >= 1; JPEG: the SOF's)."""
+    o = _Ops("size_")
+    first = o.Slice(xi, o.const([0]), o.const([24]))  # then pad: a padded copy of all of xi would cost 4 B a byte
+    head = o.Cast(o.Slice(o.Concat(first, o.const(np.zeros(24), np.int32), axis=0), o.const([0]), o.const([24])), to=_I)
+    word = lambda at: o.ReduceSum(o.Mul(o.Slice(head, o.const([at]), o.const([at + 4])),  # noqa: E731
+                                        o.const([1 << 24, 1 << 16, 1 << 8, 1])), keepdims=0)
+    ihdr = _vec_all(o, o.Equal(o.Slice(head, o.const([12]), o.const([16])), o.const(list(b"IHDR"))))
+    png = o.Cast(is_png, to=_B)
+    png_ok = _all(o, ihdr, o.GreaterOrEqual(word(16), o.const(1)), o.GreaterOrEqual(word(20), o.const(1)))
+    h, w = o.Where(png, word(20), jpeg_height), o.Where(png, word(16), jpeg_width)
+    limit = o.const(int(max_pixels))
+    # each side first, so that the product (<= limit**2) cannot overflow int64
+    fits = _all(o, o.LessOrEqual(h, limit), o.LessOrEqual(w, limit), o.LessOrEqual(o.Mul(h, w), limit))
+    o.Cast(o.And(fits, o.Or(o.Not(png), png_ok)), to=_I, outputs=[out])
     return o.nodes
 
 
 class RequireEncodedImage(_GraphStep):
-    """Pass the bytes through if they are a PNG (signature) or a 3-component JPEG the segment walk accepts."""
+    """Pass the bytes through if they are a PNG (signature) or a 3-component JPEG the segment walk accepts,
+    declaring at most ``max_pixels`` pixels (PNG IHDR, JPEG SOF), before anything is decoded."""
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, max_pixels: int, name: str | None = None) -> None:
         super().__init__(["image"], ["checked_image"], name)
+        self.max_pixels = int(max_pixels)
 
     def _create_graph_for_step(self, graph: onnx.GraphProto, onnx_opset: int) -> onnx.GraphProto:
         elem, dims = self._io(graph)
@@ -319,10 +360,13 @@ class RequireEncodedImage(_GraphStep):
             helper.make_node("Cast", [x], ["xi"], to=TensorProto.INT32),
             _const("pad8", np.zeros(8, np.int32)),
             _const("pad2", np.zeros(2, np.int32)),
-            helper.make_node("Concat", ["xi", "pad8"], ["head_padded"], axis=0),
-            helper.make_node("Concat", ["pad2", "xi"], ["tail_padded"], axis=0),
+            # slice before padding: a padded copy of the whole input would cost 4 bytes per input byte
             _const("zero", i64(0)), _const("three", i64(3)), _const("eight", i64(8)), _const("one_component", i64(1)),
             _const("minus2", i64(-2)), _const("big", i64(np.iinfo(np.int64).max)),
+            helper.make_node("Slice", ["xi", "zero", "eight"], ["head_raw"]),
+            helper.make_node("Slice", ["xi", "minus2", "big"], ["tail_raw"]),
+            helper.make_node("Concat", ["head_raw", "pad8"], ["head_padded"], axis=0),
+            helper.make_node("Concat", ["pad2", "tail_raw"], ["tail_padded"], axis=0),
             helper.make_node("Slice", ["head_padded", "zero", "eight"], ["head8"]),
             helper.make_node("Slice", ["head_padded", "zero", "three"], ["head3"]),
             helper.make_node("Slice", ["tail_padded", "minus2", "big"], ["tail2"]),
@@ -339,7 +383,7 @@ class RequireEncodedImage(_GraphStep):
             ]
             flags.append(f"{const}_ok")
         nodes += [
-            *_jpeg_structure_nodes("xi", "jpeg_walk_ok", "jpeg_components"),
+            *_walk_if_jpeg("xi", "jpeg_start_ok"),
             helper.make_node("Cast", ["jpeg_walk_ok"], ["jpeg_walk_ok64"], to=TensorProto.INT64),
             helper.make_node("Min", [flags[1], flags[2]], ["jpeg_ends_ok"]),
             helper.make_node("Min", ["jpeg_ends_ok", "jpeg_walk_ok64"], ["jpeg_ok"]),
@@ -350,7 +394,11 @@ class RequireEncodedImage(_GraphStep):
             helper.make_node("Not", ["is_gray"], ["not_gray"]),
             helper.make_node("Cast", ["not_gray"], ["not_gray64"], to=TensorProto.INT64),
             helper.make_node("Max", [flags[0], "not_gray64"], ["color_ok"]),
-            *_refuse_unless("color_ok", "well_formed", 1, y, "refused:_grayscale_JPEG_unsupported_by_decoder"),
+            *_refuse_unless("color_ok", "well_formed", 1, "in_colour", "refused:_grayscale_JPEG_unsupported_by_decoder"),
+            # a decompression bomb (a small file declaring a huge image) is refused before the decoder allocates it
+            *_size_nodes("xi", flags[0], "jpeg_height", "jpeg_width", self.max_pixels, "size_ok"),
+            *_refuse_unless("size_ok", "in_colour", 1, y,
+                            f"refused:_image_larger_than_max_image_pixels={self.max_pixels}_(declared_width_x_height)"),
         ]
         t = [helper.make_tensor_value_info(n, TensorProto.UINT8, dims) for n in (x, y)]
         return self._graph(nodes, [t[0]], [t[1]])

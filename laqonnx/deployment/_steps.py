@@ -112,18 +112,24 @@ class BGRToGray(_GraphStep):
         if elem != TensorProto.UINT8 or len(dims) != 3:
             raise ValueError("BGRToGray needs uint8 (H, W, 3) input")
         x, y = self.input_names[0], self.output_names[0]
-        nodes = [
-            helper.make_node("Cast", [x], ["xi"], to=TensorProto.INT32),
+        # one row at a time (Scan over H): int32 temporaries of the whole image would cost 24 bytes a
+        # pixel (a 40 MP image: ~1 GB); per row they are a few kB, and the output is 1 byte a pixel
+        body = [
+            helper.make_node("Cast", ["row"], ["row_i"], to=TensorProto.INT32),
             _const("weights_bgr", np.array([7471, 38470, 19595], np.int32)),  # ITU-R 601-2 in 1/65536 units
             _const("axes", np.array([-1], np.int64)),
             _const("half", np.array(32768, np.int32)),
             _const("unit", np.array(65536, np.int32)),
-            helper.make_node("Mul", ["xi", "weights_bgr"], ["weighted"]),
+            helper.make_node("Mul", ["row_i", "weights_bgr"], ["weighted"]),
             helper.make_node("ReduceSum", ["weighted", "axes"], ["summed"], keepdims=1),
             helper.make_node("Add", ["summed", "half"], ["rounded"]),
             helper.make_node("Div", ["rounded", "unit"], ["luma"]),  # non-negative: truncation == >> 16
-            helper.make_node("Cast", ["luma"], [y], to=TensorProto.UINT8),
+            helper.make_node("Cast", ["luma"], ["gray_row"], to=TensorProto.UINT8),
         ]
+        row_graph = helper.make_graph(body, "bgr_to_gray_row",
+                                      [helper.make_tensor_value_info("row", TensorProto.UINT8, [dims[1], 3])],
+                                      [helper.make_tensor_value_info("gray_row", TensorProto.UINT8, [dims[1], 1])])
+        nodes = [helper.make_node("Scan", [x], [y], body=row_graph, num_scan_inputs=1)]
         return self._graph(
             nodes,
             [helper.make_tensor_value_info(x, elem, dims)],

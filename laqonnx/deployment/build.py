@@ -13,7 +13,7 @@ import onnx
 
 from .._util.io import check_output_path, save_model
 from ..errors import ModelError, require
-from .options import INPUT_NAME, Channels, DeployOptions, DeployResult, _resolve, _signature, read_labels
+from .options import DEFAULT_MAX_IMAGE_PIXELS, INPUT_NAME, Channels, DeployOptions, DeployResult, _resolve, _signature, read_labels
 
 __all__ = ["build_deployed_model", "deploy"]
 
@@ -25,6 +25,24 @@ def _value_names(model: onnx.ModelProto) -> set[str]:
         names.update(node.input)
         names.update(node.output)
     return names
+
+
+def _fix_spatial_size(net: onnx.ModelProto, size: int) -> None:
+    """Fix a symbolic H/W of the network's input to ``size`` and check that it runs at that size."""
+    dims = net.graph.input[0].type.tensor_type.shape.dim
+    for d in dims[2:]:
+        d.dim_value = size  # clears dim_param (a oneof)
+    del net.graph.value_info[:]  # shapes inferred for the symbolic size no longer hold
+    import numpy as np
+    import onnxruntime as ort
+
+    x = np.zeros([1, dims[1].dim_value, size, size], np.float32)
+    try:
+        sess = ort.InferenceSession(net.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess.run(None, {net.graph.input[0].name: x})
+    except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"the model does not run at image_size {size} x {size}: {first}") from exc
 
 
 def build_deployed_model(model: onnx.ModelProto, options: DeployOptions) -> tuple[onnx.ModelProto, DeployOptions]:
@@ -42,12 +60,14 @@ def build_deployed_model(model: onnx.ModelProto, options: DeployOptions) -> tupl
     keep = [i for i in net.graph.input if i.name not in inits]  # the toolkit joins to graph.input[0]
     del net.graph.input[:]
     net.graph.input.extend(keep)
+    if sig.dynamic_size:
+        _fix_spatial_size(net, opts.image_size)
     reserved = {INPUT_NAME, "class_index", "topk_scores", "topk_indices", "topk_labels"}
     if _value_names(net) & reserved:
         net = onnx.compose.add_prefix(net, "net_")
     opset = max([18, *(o.version for o in net.opset_import if o.domain in ("", "ai.onnx"))])
 
-    pre: list = [_jpeg.RequireEncodedImage(), ppp.ConvertImageToBGR(), steps.RequireThreeChannels()]
+    pre: list = [_jpeg.RequireEncodedImage(opts.max_image_pixels), ppp.ConvertImageToBGR(), steps.RequireThreeChannels()]
     if opts.channels == "rgb":
         pre.append(ppp.ReverseAxis(axis=-1, dim_value=3, name="BGRToRGB"))
     elif opts.channels == "gray":
@@ -105,12 +125,14 @@ def deploy(
     channels: Channels | None = None,
     labels: Sequence[str] | str | os.PathLike[str] | None = None,
     top_k: int | None = None,
+    max_image_pixels: int | None = None,
 ) -> DeployResult:
     """Write ``output``: ``model`` with image decoding, preprocessing and top-k embedded (see module doc).
 
     ``image_size`` defaults to the model's input size; ``resize`` (shorter side before the center crop)
     to ``image_size``; ``channels`` to ``gray`` for 1-channel models and ``rgb`` for 3-channel ones;
-    ``top_k`` to ``min(5, classes)``. ``labels`` is a sequence of strings or the path of a text file
+    ``top_k`` to ``min(5, classes)``. ``max_image_pixels``: images declaring more pixels (PNG
+    IHDR, JPEG SOF width x height; default 40 MP) are refused before decoding (a session error). ``labels`` is a sequence of strings or the path of a text file
     with one label per line. Run the result with the extensions' custom ops registered::
 
         so = onnxruntime.SessionOptions()
@@ -123,13 +145,13 @@ def deploy(
     options = DeployOptions(
         image_size=image_size, resize=resize, mean=tuple(mean), std=tuple(std), channels=channels,
         labels=tuple(labels) if labels is not None else None, top_k=top_k,
+        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels,
     )
-    source = None
-    if isinstance(model, onnx.ModelProto):
+    source = None if isinstance(model, onnx.ModelProto) else Path(model)
+    check_output_path(output, source)  # before any work: an unwritable output is a one-line error
+    if source is None:
         proto = model
     else:
-        source = Path(model)
-        check_output_path(output, source)
         if not source.is_file():
             raise ModelError(f"model file {source} does not exist")
         try:

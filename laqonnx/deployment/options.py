@@ -19,6 +19,7 @@ __all__ = ["DeployOptions", "DeployResult", "read_labels", "INPUT_NAME", "Channe
 INPUT_NAME = "image_bytes"
 Channels = Literal["rgb", "bgr", "gray"]
 _DEFAULT_TOP_K = 5
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # 40 MP, a 7300 x 5500 photo: decoding one costs ~0.24 GiB (2 copies x 3 B/pixel)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class DeployOptions:
     channels: Channels | None = None
     labels: tuple[str, ...] | None = None
     top_k: int | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -54,6 +56,9 @@ class DeployOptions:
             object.__setattr__(self, "channels", ChannelOrder.check(self.channels, "channels"))
         if self.top_k is not None and self.top_k < 1:
             raise OptionError(f"top_k must be a positive integer, got {self.top_k}")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or not (
+                1 <= self.max_image_pixels <= 1 << 40):
+            raise OptionError(f"max_image_pixels must be an integer in 1..2**40, got {self.max_image_pixels!r}")
         if self.labels is not None and (not self.labels or any(not s for s in self.labels)):
             raise OptionError("labels must be non-empty strings, one per class")
 
@@ -75,6 +80,7 @@ class _Signature:
     size: int
     classes: int | None
     ends_in_softmax: bool
+    dynamic_size: bool = False  # a symbolic H or W: deploy fixes it to image_size in its working copy
 
 
 def read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
@@ -111,20 +117,25 @@ def _signature(model: onnx.ModelProto) -> _Signature:
         raise ModelError(f"{where} has a fixed batch of {dims[0]}; deploy needs batch 1 or a symbolic batch axis")
     if dims[1] not in (1, 3):
         raise ModelError(f"{where} is not an image tensor: channels (axis 1) must be 1 or 3")
-    if dims[2] is None or dims[3] is None or dims[2] != dims[3]:
-        raise ModelError(f"{where}: deploy needs a fixed square spatial size (S, S)")
+    fixed = {d for d in dims[2:] if d is not None}
+    if len(fixed) > 1:
+        raise ModelError(f"{where}: deploy needs a square spatial size (S, S)")
     o = model.graph.output[0].type.tensor_type
     odims = [d.dim_value if d.HasField("dim_value") else None for d in o.shape.dim]
     if o.elem_type != onnx.TensorProto.FLOAT or len(odims) != 2:
         raise ModelError(f"output {model.graph.output[0].name!r} must be float32 (N, classes), got shape {odims}")
     out_name = model.graph.output[0].name
     softmax = any(n.op_type == "Softmax" and out_name in n.output for n in model.graph.node)
-    return _Signature(channels=dims[1], size=dims[2], classes=odims[1], ends_in_softmax=softmax)
+    return _Signature(channels=dims[1], size=next(iter(fixed), None), classes=odims[1], ends_in_softmax=softmax,
+                      dynamic_size=None in dims[2:])
 
 
 def _resolve(options: DeployOptions, sig: _Signature) -> DeployOptions:
     size = options.image_size if options.image_size is not None else sig.size
-    if size != sig.size:
+    if size is None:
+        raise ModelError("the model's input has a dynamic spatial size: give image_size (--image-size S), the size "
+                         "it is fixed to in the deployed model")
+    if sig.size is not None and size != sig.size:
         raise ModelError(f"image_size {size} does not match the model's input size {sig.size}")
     if options.resize is not None and options.resize < size:
         raise OptionError(f"resize ({options.resize}) must be at least image_size ({size})")
@@ -153,4 +164,5 @@ def _resolve(options: DeployOptions, sig: _Signature) -> DeployOptions:
         channels=channels,
         labels=options.labels,
         top_k=top_k,
+        max_image_pixels=options.max_image_pixels,
     )

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .._util.eps import large_eps_note
 from ..errors import OptionError
 from ..graph import PreparedModel
 from ..vocab import Objective
@@ -276,7 +277,8 @@ def plan_model(
         adversarial_calib=calibration.adversarial, activation_stats=calibration.label,
         metric={"engine": scored.engine, "examples": scored.examples, "projections": scored.projections,
                 "exact": scored.exact, "adversarial_weight": config.adversarial_weight},
-        warnings=tuple(scored.warnings),
+        warnings=tuple(w for w in (large_eps_note(config.eps, config.norm, calibration.input_range), *scored.warnings)
+                       if w is not None),
     )
     t = time.perf_counter()
     built: dict[str, tuple[Plan, onnx.ModelProto, dict]] = {}

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
-__all__ = ["Column", "format_value", "format_table", "markdown_table", "MISSING"]
+__all__ = ["Column", "format_value", "format_bytes", "format_table", "markdown_table", "MISSING"]
 
 # (key, header) or (key, header, formatter); a dotted key such as "latency_ms.p50" looks inside dicts
 Column = Union[tuple[str, str], tuple[str, str, Callable[[Any], str]]]
@@ -82,13 +82,19 @@ def _pct(v: Any) -> str:
     return f"{v * 100:.1f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1 else format_value(v)
 
 
+def format_bytes(n: float) -> str:
+    """A size in the one unit laqonnx shows everywhere (terminal tables, the report, plots): binary
+    KiB / MiB / GiB with one decimal (192183 bytes -> ``187.7 KiB``), bytes below 1 KiB."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def _bytes(v: Any) -> str:
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return format_value(v)
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if v >= size:
-            return f"{v / size:.3g} {unit}"
-    return f"{int(v)} B"
+    return format_bytes(v)
 
 
 def _eps(v: Any) -> str:

@@ -88,13 +88,10 @@ def model_size(model: Any, proto: onnx.ModelProto) -> int:
 
 
 def warn_large_eps(threat: Threat) -> None:
-    """A :class:`LaqonnxWarning` when an L-inf ``eps`` is at least half the width of the input range:
-    such a ball reaches a constant image from any input, so eps was most likely meant as eps/255 or
-    in [0, 1] units. (Not for L2, whose radii grow with the input size.)"""
-    lo, hi = threat.input_range
-    if threat.norm != "inf" or threat.eps < (hi - lo) / 2:
-        return
-    warnings.warn(f"eps {threat.eps:g} is at least half the width of the input range [{lo:g}, {hi:g}]: an L-inf ball "
-                  f"this large can erase any input; eps is in the units of the input range: did you mean eps/255 = "
-                  f"{threat.eps / 255:.4g}? (an eps meant in [0, 1] units is eps x {hi - lo:g} in these)",
-                  LaqonnxWarning, stacklevel=3)
+    """A :class:`LaqonnxWarning` when an L-inf ``eps`` is at least half the width of the input range
+    (see :func:`laqonnx._util.eps.large_eps_note`, which ``quantize`` shares)."""
+    from .._util.eps import large_eps_note
+
+    note = large_eps_note(threat.eps, threat.norm, threat.input_range)
+    if note is not None:
+        warnings.warn(note, LaqonnxWarning, stacklevel=3)

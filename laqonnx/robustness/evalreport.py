@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..report.tables import format_bytes
 from .attacks import Masking
 
 __all__ = ["ModelEvaluation", "FailedModel", "EvaluationReport", "RELIABLE_AGREEMENT", "format_table"]
@@ -118,13 +119,13 @@ def format_table(report: EvaluationReport) -> str:
     """A plain-text table: one row per model, one column per attack plus the worst case; a model that
     failed is a row ``failed: <reason>``."""
     cols = [a for a in report.attacks if any(a in m.robust_accuracy for m in report.models)] + ["worst_case"]
-    head = ["model", "clean", *cols, "mirror", "masking", "p50 ms", "size KB"]
+    head = ["model", "clean", *cols, "mirror", "masking", "p50 ms", "size"]
     rows = [head]
     for m in report.models:
         agree = "n/a" if m.mirror_agreement is None else f"{m.mirror_agreement:.1%}" + ("" if m.white_box_reliable else "!")
         p50 = "-" if not m.latency_ms else f"{m.latency_ms['p50']:.3f}"
         rows.append([Path(m.path).name, f"{m.clean_accuracy:.3f}", *[_pct(m.robust_accuracy.get(c)) for c in cols],
-                     agree, "FLAG" if m.masking.flagged else "ok", p50, f"{m.size_bytes / 1024:.1f}"])
+                     agree, "FLAG" if m.masking.flagged else "ok", p50, format_bytes(m.size_bytes)])
     width0 = max([len(r[0]) for r in rows] + [len(Path(f.path).name) for f in report.failed])
     widths = [width0] + [max(len(r[i]) for r in rows) for i in range(1, len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

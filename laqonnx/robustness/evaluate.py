@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import DataError, LaqonnxError, LaqonnxWarning, ModelError, OptionError
+from ..errors import DataError, LaqonnxError, LaqonnxWarning, ModelError, OptionError, OutputError
 from ..graph.passes import one_line
 from ..vocab import AttackPreset
 from .attacks import ATTACKS, PRESETS, AttackContext, AttackResult, NotApplicable, Preset, Threat
@@ -280,7 +280,9 @@ def evaluate(
     is the float model used for transfer attacks. ``sweep`` (default: on iff ``report_dir``)
     adds robust accuracy at 0, 0.25, 0.5, 1 and 1.5 x eps. ``report_dir`` writes the Markdown +
     PNG report through :func:`laqonnx.report.write_report`, with ``analyses`` (default: computed
-    by :func:`laqonnx.lipschitz.analyze.analyze` for each model). Seeds numpy's and torch's global RNGs.
+    by :func:`laqonnx.lipschitz.analyze.analyze` for each model); the folder is checked before any
+    attack, and if writing it fails anyway the :class:`OutputError` raised carries the finished
+    report as its ``report`` attribute. Seeds numpy's and torch's global RNGs.
 
     ``threads`` is the number of onnxruntime and torch threads used by the attacks (default 1:
     attacks run small batches where per-op overhead dominates, and multi-threaded torch was
@@ -301,6 +303,10 @@ def evaluate(
         raise OptionError("give at least one model")
     if threads is not None and threads < 1:
         raise OptionError(f"threads must be >= 1, not {threads}")
+    if report_dir is not None:
+        from .._util.io import check_output_dir
+
+        check_output_dir(report_dir)  # before any attack: an unwritable report folder loses nothing
     warn_large_eps(threat)
     opts = RunOptions(threads=threads, batch_size=batch_size, seed=seed, progress=progress, latency=latency,
                       sweep=bool(report_dir) if sweep is None else sweep)
@@ -332,7 +338,11 @@ def evaluate(
         if analyses is None:
             bad = {id(m) for m, _, _ in failed}
             analyses = _analyses([m for m in model_list if id(m) not in bad], evaluations)
-        write_report(report.to_json(), report_dir, analyses=analyses)
+        try:
+            write_report(report.to_json(), report_dir, analyses=analyses)
+        except OutputError as exc:  # the results are kept: the CLI still prints them and writes --json
+            exc.report = report  # type: ignore[attr-defined]
+            raise
     return report
 
 

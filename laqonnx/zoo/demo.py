@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError, OptionError
+from ..report.tables import format_bytes
 from ..vocab import AttackPreset
 from .methods import DEMO_METHODS, METHODS, SWEEP_METHODS, MethodContext, Quantized, int4_rule, layer_sizes, quantize_method, warm_up
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "TABLE_COLUMNS", "QUICK"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "copy_float_model", "TABLE_COLUMNS", "QUICK"]
 
 # ------------------------------------------------------------------------------ the demo
 
@@ -86,6 +87,7 @@ class DemoResult:
     report: Path
     results_json: Path
     seconds: float
+    models: Path = Path("models")  # out_dir/models/<arch>-<training>/: float.onnx and one .onnx per method
 
 
 def _fmt(spec: str) -> Callable[[Any], str]:
@@ -93,7 +95,7 @@ def _fmt(spec: str) -> Callable[[Any], str]:
 
 
 TABLE_COLUMNS = [("model", "model"), ("method", "method"), ("bits", "w-bits", _fmt(".2f")),
-                 ("kb", "KB", _fmt(".1f")), ("clean", "clean", _fmt(".3f")), ("robust", "robust", _fmt(".3f")),
+                 ("size", "size", lambda v: "—" if v is None else format_bytes(v)), ("clean", "clean", _fmt(".3f")), ("robust", "robust", _fmt(".3f")),
                  ("d_robust", "Δrobust", _fmt("+.3f")), ("p50_ms", "p50 ms", _fmt(".3f")),
                  ("lat_ratio", "×float", _fmt(".2f")), ("quant_s", "quant s", _fmt(".1f"))]
 
@@ -105,6 +107,14 @@ def _model(cfg: DemoConfig, arch: str, adv: str, progress: bool) -> Path:
     over = {k: v for k, v in (("epochs", cfg.epochs), ("width", cfg.width)) if v is not None}
     conf = dataclasses.replace(conf, **over) if over else conf
     return cache.get_model(arch, adv, config=conf, cache_dir=cfg.cache_dir, progress=progress).path
+
+
+def copy_float_model(cached: Path, folder: Path) -> Path:
+    """``folder/float.onnx``: the demo's own copy of the float model from the zoo's hash-named cache
+    (the quantized models and the report then name a file in the output folder)."""
+    from .._util.io import atomic_write_bytes
+
+    return atomic_write_bytes(folder / "float.onnx", Path(cached).read_bytes())
 
 
 def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
@@ -129,10 +139,10 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
     for arch, adv in pairs:
         label = f"{arch}/{'plain' if adv == 'none' else adv}"
         bar.set_description(f"demo: train {label}")
-        float_path = _model(cfg, arch, adv, progress)
-        bar.update()
         folder = out / "models" / f"{arch}-{adv}"
         folder.mkdir(parents=True, exist_ok=True)
+        float_path = copy_float_model(_model(cfg, arch, adv, progress), folder)
+        bar.update()
         int4, budget = int4_rule(layer_sizes(float_path), cfg.mixed_bits)
         ctx = MethodContext(float_path, folder, cfg.eps, "digits", cfg.calib_limit, budget, int4, progress)
         warm_up(ctx)
@@ -161,7 +171,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
         for name, q in made.items():
             ev = evals[name]
             p50 = lat[name].at(1).p50_ms
-            rows.append({"model": label, "method": name, "bits": q.avg_weight_bits, "kb": q.size_bytes / 1024,
+            rows.append({"model": label, "method": name, "bits": q.avg_weight_bits, "size": q.size_bytes,
                          "clean": ev.clean_accuracy, "robust": ev.robust_accuracy["worst_case"],
                          "d_robust": ev.robust_accuracy["worst_case"] - base.robust_accuracy["worst_case"],
                          "p50_ms": p50, "lat_ratio": p50 / lat["float"].at(1).p50_ms,
@@ -183,5 +193,5 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True,
     atomic_write_text(out / "table.txt", table + "\n")
     if echo is not None:
         echo(table)
-    return DemoResult(tuple(rows), table, report_path, results, seconds)
+    return DemoResult(tuple(rows), table, report_path, results, seconds, out / "models")
 
