@@ -287,7 +287,7 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], g: dict[str, An
             if not sub:
                 continue
             L += [f"## {ds} {arch}, {'plain' if tr == 'none' else 'PGD-trained'}", "",
-                  "| regime | method | ε | w-bits | KB | clean % | agree % | robust % | Δrobust vs float | p50 ms | ×float | quantize s | seeds | square | guard kept |",
+                  "| regime | method | ε | w-bits | KiB | clean % | agree % | robust % | Δrobust vs float | p50 ms | ×float | quantize s | seeds | square | guard kept |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
             for r in sub:
                 regime = next((k for k, ms in REGIMES.items() if r["method"] in ms), "—")
