@@ -1,0 +1,389 @@
+"""Where :func:`laqonnx.evaluate` runs its attacks: in this process (:class:`Local`) or on Ray (:class:`Ray`).
+
+Work is sharded by (model, attack, example batch) (see :mod:`.shards`): every shard is seeded from
+what it is, so a Ray run gives the same per-example outcomes, and the same JSON figures, as a local
+run with the same seed. On Ray, each worker is an actor holding ``threads`` CPUs (default 1, as a
+local run) that builds, once in its constructor, the onnxruntime session and torch mirror of every
+model of the call (and of the float reference) from the models' bytes (sessions cannot be pickled;
+the bytes go to the object store once), with onnxruntime and torch threads matched to the CPUs Ray
+assigned it. The driver keeps clean accuracy, mirror agreement on clean inputs, the eps sweep and
+the latency measurement; it submits every shard of a model at once to the pool of actors and takes
+the per-example worst case over the gathered shards exactly as locally. ``attack_seconds`` on Ray
+is the sum over shards (compute seconds, not wall time).
+
+Faults: a worker that dies (its process, its node) is replaced by a new actor and its shard re-run
+there (each shard up to ``max_retries`` times; shard-level retries rather than Ray's actor restarts,
+which cannot restart safely from constructor arguments in the object store); a cluster that cannot be reached, or that loses a worker
+beyond its retries, is a :class:`~laqonnx.errors.ClusterError` naming it, raised before anything is
+written. Without ray installed, ``Ray(...)`` raises :class:`~laqonnx.errors.DependencyError`
+naming the ``laqonnx[distributed]`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ClusterError, LaqonnxError, LaqonnxWarning, OptionError, require
+from ..graph.passes import one_line
+from .attacks import ATTACKS, AttackContext, AttackResult, NotApplicable, Preset, Threat
+from .attacks import attack_batch, gather, run_attack, shard_batches
+
+__all__ = ["Local", "Ray", "Engine", "LOCAL", "engine_from_options", "start_engine", "FAULT_FILE_ENV"]
+
+#: Test hook: when this environment variable names an existing file, the first Ray worker to take a
+#: shard removes the file and dies (``os._exit``), so the retry path can be exercised.
+FAULT_FILE_ENV = "LAQONNX_RAY_FAULT_FILE"
+_EXTRA = "distributed"
+
+
+@dataclass(frozen=True)
+class Local:
+    """Run every shard in this process, one after the other (the default)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": "local", "workers": 1}
+
+
+@dataclass(frozen=True)
+class Ray:
+    """Run the shards on a Ray cluster.
+
+    ``address`` None starts a local Ray cluster on this machine's CPUs (or uses the one this process
+    already joined with ``ray.init``); else it is joined (``"auto"``, ``"host:port"``,
+    ``"ray://host:port"``). ``workers`` actors (default: as many as the cluster's CPUs hold) of
+    ``threads`` CPUs each (the evaluation's ``threads``, default 1). A worker that dies is
+    replaced and its shard re-run, up to ``max_retries`` times per shard."""
+
+    address: str | None = None
+    workers: int | None = None
+    max_retries: int = 3
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and (isinstance(self.workers, bool) or int(self.workers) < 1):
+            raise OptionError(f"workers must be >= 1, not {self.workers}")
+        if int(self.max_retries) < 0:
+            raise OptionError(f"max_retries must be >= 0, not {self.max_retries}")
+        if self.address is not None and not str(self.address).strip():
+            object.__setattr__(self, "address", None)
+
+
+Engine = Local | Ray
+LOCAL = Local()
+
+
+def engine_from_options(ray: str | None, workers: int | None) -> Engine:
+    """The engine of ``laqonnx evaluate --ray [ADDRESS] --workers N`` (``ray`` None: no --ray; "" : local
+    cluster); ray is required up front (one line naming the extra)."""
+    if ray is None:
+        if workers is not None:
+            raise OptionError("--workers needs --ray (the local engine runs in this process)")
+        return LOCAL
+    if ray and (ray.endswith(".onnx") or os.path.isfile(ray)):
+        raise OptionError(f"--ray took {ray!r} as the cluster address; put --ray after the models, or write "
+                          "--ray=ADDRESS")
+    require("ray", _EXTRA)
+    return Ray(address=ray or None, workers=workers)
+
+
+class _LocalRunner:
+    info = {"name": "local", "workers": 1}
+
+    def prepare(self, ctx: AttackContext, attacks: Sequence[str], x: np.ndarray, y: np.ndarray,
+                correct: np.ndarray) -> Callable[[str], AttackResult | NotApplicable]:
+        return lambda attack: run_attack(attack, ctx, x, y, correct)
+
+
+@contextlib.contextmanager
+def start_engine(engine: Engine, models: Sequence[Any], reference: Any, output: str | None,
+                 threads: int | None) -> Iterator[Any]:
+    """A runner for ``engine``: ``runner.prepare(ctx, attacks, x, y, correct)`` returns ``get(attack)``
+    giving the :class:`AttackResult` (or :class:`NotApplicable`) of each attack on ``ctx``'s model;
+    ``runner.info`` is the JSON ``engine`` entry."""
+    if isinstance(engine, Local):
+        yield _LocalRunner()
+        return
+    if not isinstance(engine, Ray):
+        raise OptionError(f"engine must be laqonnx.robustness.distributed.Local() or Ray(...), not {engine!r}")
+    ray = require("ray", _EXTRA)
+    started = _connect(ray, engine)
+    runner = None
+    try:
+        runner = _RayRunner(ray, engine, models, reference, output, threads)
+        yield runner
+    except _WorkerLost as exc:
+        raise ClusterError(str(exc)) from None
+    finally:
+        if runner is not None:
+            runner.close()
+        if started:
+            ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """A TCP connect to ``host:port`` (``ray.init`` would otherwise wait minutes on a wrong address)."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
+def _connect(ray: Any, engine: Ray) -> bool:
+    """Join or start the cluster; True when this call started it (and so shuts it down)."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+    if engine.address is None:
+        kwargs.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
+    elif engine.address != "auto":
+        _check_reachable(engine.address, engine.connect_timeout)
+    try:
+        ray.init(address=engine.address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        where = "start a local Ray cluster" if engine.address is None else f"join the Ray cluster at {engine.address}"
+        raise ClusterError(f"cannot {where}: {one_line(exc, 300)}") from None
+    return True
+
+
+class _WorkerLost(RuntimeError):
+    """A worker died beyond its retries, or the cluster went away (not a LaqonnxError: the run stops)."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a worker needs to rebuild one model's :class:`AttackContext` (hashable: its cache key)."""
+
+    model_index: int
+    threat: Threat
+    preset: Preset
+    input_shape: tuple[int, ...]
+    nb_classes: int
+    batch_size: int
+    seed: int
+    channels_first: bool
+    mirror: bool  # the driver has a working mirror (else white-box attacks are not sent)
+    reference: bool  # transfer attacks use the float reference
+
+
+class _Worker:
+    """A Ray actor: sessions and mirrors of every model of the call, built once."""
+
+    def __init__(self, payload: list[Any], output: str | None) -> None:
+        import onnx
+        import ray
+        import torch
+
+        # the models' bytes come as a nested ObjectRef (fetched here, kept alive by the driver for restarts)
+        models, reference = ray.get(payload[0])
+
+        from .evaluate import _build_mirror, _load_reference
+        from .ort_estimator import OrtModel
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        self.threads = max(1, int(round(cpus)))
+        torch.set_num_threads(self.threads)
+        self.models: dict[int, tuple[Any, Any] | LaqonnxError] = {}
+        for i, blob in enumerate(models):
+            if blob is None:
+                continue
+            try:
+                ort = OrtModel(onnx.load_from_string(blob), threads=self.threads, output=output)
+                self.models[i] = (ort, _build_mirror(ort.model)[0])
+            except LaqonnxError as exc:  # the driver fails this model on its own; keep the reason
+                self.models[i] = exc
+        self.reference = (None if reference is None
+                          else _load_reference(onnx.load_from_string(reference), output, self.threads))
+        self._contexts: dict[_Spec, AttackContext] = {}
+
+    def _context(self, spec: _Spec) -> AttackContext:
+        from .mirror import mirror_classifier
+        from .ort_estimator import ort_classifier
+
+        if spec in self._contexts:
+            return self._contexts[spec]
+        built = self.models.get(spec.model_index)
+        if isinstance(built, LaqonnxError) or built is None:
+            raise built or LaqonnxError(f"model {spec.model_index} was not sent to the worker")
+        ort, mirror = built
+        t, shape, classes = spec.threat, spec.input_shape, spec.nb_classes
+        mirror_art = (mirror_classifier(mirror, shape, classes, clip_values=t.input_range,
+                                        channels_first=spec.channels_first)
+                      if spec.mirror and mirror is not None else None)
+        ref_art = (self.reference.classifier(shape, t)[0]
+                   if spec.reference and self.reference is not None else None)
+        ctx = AttackContext(threat=t, preset=spec.preset, ort=ort,
+                            ort_art=ort_classifier(ort, shape, classes, clip_values=t.input_range,
+                                                   channels_first=spec.channels_first),
+                            mirror_art=mirror_art, reference_art=ref_art, nb_classes=classes, input_shape=shape,
+                            batch_size=spec.batch_size, seed=spec.seed, channels_first=spec.channels_first,
+                            model_index=spec.model_index)
+        self._contexts[spec] = ctx
+        return ctx
+
+    def run(self, spec: _Spec, attack: str, batch: int, xs: np.ndarray, ys: np.ndarray) -> tuple:
+        fault = os.environ.get(FAULT_FILE_ENV)
+        if fault:
+            try:
+                os.remove(fault)
+            except FileNotFoundError:
+                pass
+            else:
+                os._exit(17)
+        ctx = dataclasses.replace(self._context(spec), shard=(attack, batch))
+        return spec.model_index, attack, batch, attack_batch(attack, ctx, xs, ys)
+
+    def threads_used(self) -> int:
+        return self.threads
+
+
+def _serialized(model: Any) -> bytes | None:
+    from .ort_estimator import load_model
+
+    try:
+        return load_model(model).SerializeToString()
+    except LaqonnxError:  # the driver reports this model as failed
+        return None
+
+
+@dataclass
+class _Item:
+    key: tuple[int, str, int]  # (model index, attack, batch index)
+    args: tuple
+    tries: int = 0
+
+
+class _RayRunner:
+    """A pool of worker actors fed one shard at a time; a shard whose worker died goes to a new worker."""
+
+    def __init__(self, ray: Any, engine: Ray, models: Sequence[Any], reference: Any, output: str | None,
+                 threads: int | None) -> None:
+        self.ray, self.max_retries = ray, engine.max_retries
+        cpus = threads or 1
+        total = int(ray.cluster_resources().get("CPU", 0))
+        fit = max(1, total // cpus)
+        workers = engine.workers or fit
+        if workers > fit:
+            warnings.warn(f"the Ray cluster has {total} CPUs: {fit} worker(s) of {cpus} CPU(s) fit, not {workers}; "
+                          f"running {fit}", LaqonnxWarning, stacklevel=4)
+            workers = fit
+        # the models' bytes go to the object store once; the driver keeps the ref alive for replacement workers
+        self._payload = ray.put(([_serialized(m) for m in models], None if reference is None else _serialized(reference)))
+        actor = ray.remote(_Worker).options(num_cpus=cpus, max_restarts=0)
+        self._new_actor = lambda: actor.remote([self._payload], output)
+        self.actors = [self._new_actor() for _ in range(workers)]
+        try:  # every worker up (constructor done) before the first shard: a broken setup fails here, in one line
+            ray.get([a.threads_used.remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:
+            self.close()
+            raise ClusterError(f"the Ray workers could not start: {_reason(exc)}") from None
+        self.info = {"name": "ray", "workers": workers}
+        self._idle: deque[Any] = deque(self.actors)
+        self._queue: deque[_Item] = deque()
+        self._inflight: dict[Any, tuple[Any, _Item]] = {}
+        self._done: dict[tuple[int, str, int], Any] = {}
+        self._tick: Callable[[int], None] = lambda n: None
+        self._preset: Preset | None = None
+        self.retried = 0  # shards re-run after their worker died
+
+    def close(self) -> None:
+        for a in getattr(self, "actors", []):
+            with contextlib.suppress(Exception):
+                self.ray.kill(a)
+        self.actors = []
+
+    def _replace(self, dead: Any) -> Any:
+        with contextlib.suppress(Exception):
+            self.ray.kill(dead)
+        fresh = self._new_actor()
+        self.actors = [fresh if a is dead else a for a in self.actors]
+        return fresh
+
+    def _pump(self) -> None:
+        while self._idle and self._queue:
+            actor, item = self._idle.popleft(), self._queue.popleft()
+            self._inflight[actor.run.remote(*item.args)] = (actor, item)
+
+    def _next(self) -> None:
+        """Wait for one shard; keep its outcome, or re-queue it on a new worker if its worker died."""
+        errors = self.ray.exceptions
+        self._pump()
+        if not self._inflight:
+            raise RuntimeError("no shard in flight")  # a bug: get() waits only for submitted shards
+        (ref,), _ = self.ray.wait(list(self._inflight), num_returns=1)
+        actor, item = self._inflight.pop(ref)
+        try:
+            _, attack, _, out = self.ray.get(ref)
+        except errors.RayTaskError as exc:  # the shard raised: as it would locally
+            self._idle.append(actor)
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+        except errors.RayError as exc:  # the worker died (or its node): a new worker, the shard again
+            item.tries += 1
+            if item.tries > self.max_retries:
+                raise _WorkerLost(f"a Ray worker died {item.tries} times on shard {item.key}: {_reason(exc)}") from None
+            self.retried += 1
+            self._idle.append(self._replace(actor))
+            self._queue.appendleft(item)
+            return
+        self._idle.append(actor)
+        self._done[item.key] = out
+        self._tick(ATTACKS[attack].rounds(self._preset))
+
+    def _drain(self) -> None:
+        """Forget the shards of a model that failed half-way (wait for those in flight)."""
+        self._queue.clear()
+        while self._inflight:
+            ref, (actor, _) = self._inflight.popitem()
+            try:
+                self.ray.get(ref)
+                self._idle.append(actor)
+            except self.ray.exceptions.RayTaskError:
+                self._idle.append(actor)
+            except self.ray.exceptions.RayError:
+                self._idle.append(self._replace(actor))
+        self._done.clear()
+
+    def prepare(self, ctx: AttackContext, attacks: Sequence[str], x: np.ndarray, y: np.ndarray,
+                correct: np.ndarray) -> Callable[[str], AttackResult | NotApplicable]:
+        self._drain()
+        self._tick, self._preset = ctx.tick, ctx.preset
+        spec = self.ray.put(_Spec(ctx.model_index, ctx.threat, ctx.preset, tuple(ctx.input_shape), ctx.nb_classes,
+                                  ctx.batch_size, ctx.seed, ctx.channels_first, ctx.mirror_art is not None,
+                                  ctx.reference_art is not None))
+        batches = shard_batches(ctx, correct)
+        sent = [a for a in attacks if ctx.mirror_art is not None or ATTACKS[a].kind != "white-box"]
+        for attack in sent:
+            for b, sel in enumerate(batches):
+                self._queue.append(_Item((ctx.model_index, attack, b), (spec, attack, b, x[sel], y[sel])))
+        self._pump()
+
+        def get(attack: str) -> AttackResult | NotApplicable:
+            if attack not in sent or not batches:
+                return run_attack(attack, ctx, x, y, correct)  # nothing to shard (NotApplicable or no example)
+            keys = [(ctx.model_index, attack, b) for b in range(len(batches))]
+            while any(k not in self._done for k in keys):
+                self._next()
+            return gather(attack, correct, batches, [self._done[k] for k in keys])
+
+        return get
+
+
+def _reason(exc: BaseException) -> str:
+    text = one_line(exc, 300)
+    return text or type(exc).__name__
