@@ -40,8 +40,9 @@ from .attacks import attack_batch, gather, run_attack, shard_batches
 
 __all__ = ["Local", "Ray", "Engine", "LOCAL", "engine_from_options", "start_engine", "FAULT_FILE_ENV"]
 
-#: Test hook: when this environment variable names an existing file, the first Ray worker to take a
-#: shard removes the file and dies (``os._exit``), so the retry path can be exercised.
+#: Test hook: when this environment variable (in the workers' environment) names an existing file, the
+#: first Ray worker to take a shard it matches removes the file and dies (``os._exit``), so the retry
+#: path can be exercised. The file holds ``attack/batch`` (e.g. ``pgd/2``), or nothing: any shard.
 FAULT_FILE_ENV = "LAQONNX_RAY_FAULT_FILE"
 _EXTRA = "distributed"
 
@@ -235,16 +236,24 @@ class _Worker:
         return ctx
 
     def run(self, spec: _Spec, attack: str, batch: int, xs: np.ndarray, ys: np.ndarray) -> tuple:
-        fault = os.environ.get(FAULT_FILE_ENV)
-        if fault:
-            try:
-                os.remove(fault)
-            except FileNotFoundError:
-                pass
-            else:
-                os._exit(17)
+        self._maybe_die(attack, batch)
         ctx = dataclasses.replace(self._context(spec), shard=(attack, batch))
         return spec.model_index, attack, batch, attack_batch(attack, ctx, xs, ys)
+
+    @staticmethod
+    def _maybe_die(attack: str, batch: int) -> None:
+        fault = os.environ.get(FAULT_FILE_ENV)
+        if not fault:
+            return
+        try:
+            with open(fault) as f:
+                want = f.read().strip()
+            if want and want != f"{attack}/{batch}":
+                return
+            os.remove(fault)
+        except FileNotFoundError:
+            return
+        os._exit(17)
 
     def threads_used(self) -> int:
         return self.threads
