@@ -130,3 +130,23 @@ def test_worker_lost_beyond_retries(cluster, digits) -> None:
             laqonnx.evaluate(path, (x, y), 0.1, **KW, engine=Ray(workers=1, max_retries=0))
     finally:
         cluster.unlink(missing_ok=True)
+
+
+def test_no_free_cpu_is_one_error(cluster, digits) -> None:
+    """A run whose workers cannot be placed (another run holds the CPUs) stops with a ClusterError, never hangs."""
+    import ray
+
+    path, _, x, y = digits
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self) -> int:
+            return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    try:
+        with pytest.raises(ClusterError, match="no Ray worker started within 2 s"):
+            laqonnx.evaluate(path, (x[:8], y[:8]), 0.1, **KW, engine=Ray(workers=1, start_timeout=2))
+    finally:
+        ray.kill(hog)

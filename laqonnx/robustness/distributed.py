@@ -63,12 +63,15 @@ class Ray:
     already joined with ``ray.init``); else it is joined (``"auto"``, ``"host:port"``,
     ``"ray://host:port"``). ``workers`` actors (default: as many as the cluster's CPUs hold) of
     ``threads`` CPUs each (the evaluation's ``threads``, default 1). A worker that dies is
-    replaced and its shard re-run, up to ``max_retries`` times per shard."""
+    replaced and its shard re-run, up to ``max_retries`` times per shard. Workers not placed within
+    ``start_timeout`` seconds (another run holds the CPUs) are given up, with a warning; none placed
+    is a :class:`~laqonnx.errors.ClusterError`. ``connect_timeout`` bounds reaching ``address``."""
 
     address: str | None = None
     workers: int | None = None
     max_retries: int = 3
     connect_timeout: float = 10.0
+    start_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if self.workers is not None and (isinstance(self.workers, bool) or int(self.workers) < 1):
@@ -294,11 +297,27 @@ class _RayRunner:
         actor = ray.remote(_Worker).options(num_cpus=cpus, max_restarts=0)
         self._new_actor = lambda: actor.remote([self._payload], output)
         self.actors = [self._new_actor() for _ in range(workers)]
-        try:  # every worker up (constructor done) before the first shard: a broken setup fails here, in one line
-            ray.get([a.threads_used.remote() for a in self.actors])
+        # the workers up (constructors done) before the first shard: a broken setup fails here, in one line.
+        # Those not placed within start_timeout (CPUs taken by another run) are given up, never waited on forever.
+        probes = {a.threads_used.remote(): a for a in self.actors}
+        ready, pending = ray.wait(list(probes), num_returns=len(probes), timeout=engine.start_timeout)
+        try:
+            ray.get(ready)
         except ray.exceptions.RayError as exc:
             self.close()
             raise ClusterError(f"the Ray workers could not start: {_reason(exc)}") from None
+        if not ready:
+            self.close()
+            raise ClusterError(f"no Ray worker started within {engine.start_timeout:g} s: the cluster's {total} CPUs "
+                               f"are taken ({cpus} needed per worker)")
+        if pending:
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.kill(probes[ref])
+            self.actors = [probes[ref] for ref in ready]
+            warnings.warn(f"only {len(ready)} of {workers} Ray workers started within {engine.start_timeout:g} s "
+                          "(the cluster's CPUs are taken); running with those", LaqonnxWarning, stacklevel=4)
+        workers = len(self.actors)
         self.info = {"name": "ray", "workers": workers}
         self._idle: deque[Any] = deque(self.actors)
         self._queue: deque[_Item] = deque()
