@@ -86,6 +86,20 @@ def test_ray_missing_is_one_line(monkeypatch, capsys, digits) -> None:
     assert rc == 2 and len(err.splitlines()) == 1 and "laqonnx[distributed]" in err
 
 
+def test_unreachable_cluster_is_one_line(capsys, digits, tmp_path) -> None:
+    """Nothing written, one line, exit 2 (run before the cluster fixture joins this process to a cluster)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("this process already joined a Ray cluster (--ray then uses it)")
+    path, _, _, _ = digits
+    out = tmp_path / "eval.json"
+    rc = main(["evaluate", str(path), "--data", "digits", "--eps", "0.1", "--limit", "8", "--attacks", "fgsm",
+               "--no-latency", "--no-progress", "--json", str(out), "--ray=127.0.0.1:1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.splitlines() == [err] and "cannot reach the Ray cluster at 127.0.0.1:1" in err
+    assert not out.exists() and not ray.is_initialized()
+
+
 def test_local_seeding_figures_as_before(digits) -> None:
     """Per-shard seeding changed the random draws of pgd/square (fgsm draws none), not these figures:
     the values below are what the previous seeding (seed + restart, one stream over all batches) gave
