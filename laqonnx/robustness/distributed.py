@@ -22,7 +22,6 @@ naming the ``laqonnx[distributed]`` extra.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -35,15 +34,12 @@ import numpy as np
 
 from ..errors import ClusterError, LaqonnxError, LaqonnxWarning, OptionError, require
 from ..graph.passes import one_line
-from .attacks import ATTACKS, AttackContext, AttackResult, NotApplicable, Preset, Threat
-from .attacks import attack_batch, gather, run_attack, shard_batches
+from .attacks import ATTACKS, AttackContext, AttackResult, NotApplicable, Preset
+from .attacks import gather, run_attack, shard_batches
+from .worker import FAULT_FILE_ENV, ShardSpec, Worker
 
 __all__ = ["Local", "Ray", "Engine", "LOCAL", "engine_from_options", "start_engine", "FAULT_FILE_ENV"]
 
-#: Test hook: when this environment variable (in the workers' environment) names an existing file, the
-#: first Ray worker to take a shard it matches removes the file and dies (``os._exit``), so the retry
-#: path can be exercised. The file holds ``attack/batch`` (e.g. ``pgd/2``), or nothing: any shard.
-FAULT_FILE_ENV = "LAQONNX_RAY_FAULT_FILE"
 _EXTRA = "distributed"
 
 
@@ -59,9 +55,9 @@ class Local:
 class Ray:
     """Run the shards on a Ray cluster.
 
-    ``address`` None starts a local Ray cluster on this machine's CPUs (or uses the one this process
-    already joined with ``ray.init``); else it is joined (``"auto"``, ``"host:port"``,
-    ``"ray://host:port"``). ``workers`` actors (default: as many as the cluster's CPUs hold) of
+    ``address`` None starts a local Ray cluster on this machine's CPUs (shut down at the end); else
+    it is joined (``"auto"``, ``"host:port"``, ``"ray://host:port"``). A process that already joined
+    a cluster (``ray.init``) runs on that one, whatever ``address``, and stays joined. ``workers`` actors (default: as many as the cluster's CPUs hold) of
     ``threads`` CPUs each (the evaluation's ``threads``, default 1). A worker that dies is
     replaced and its shard re-run, up to ``max_retries`` times per shard. Workers not placed within
     ``start_timeout`` seconds (another run holds the CPUs) are given up, with a warning; none placed
@@ -167,101 +163,6 @@ class _WorkerLost(RuntimeError):
     """A worker died beyond its retries, or the cluster went away (not a LaqonnxError: the run stops)."""
 
 
-@dataclass(frozen=True)
-class _Spec:
-    """What a worker needs to rebuild one model's :class:`AttackContext` (hashable: its cache key)."""
-
-    model_index: int
-    threat: Threat
-    preset: Preset
-    input_shape: tuple[int, ...]
-    nb_classes: int
-    batch_size: int
-    seed: int
-    channels_first: bool
-    mirror: bool  # the driver has a working mirror (else white-box attacks are not sent)
-    reference: bool  # transfer attacks use the float reference
-
-
-class _Worker:
-    """A Ray actor: sessions and mirrors of every model of the call, built once."""
-
-    def __init__(self, payload: list[Any], output: str | None) -> None:
-        import onnx
-        import ray
-        import torch
-
-        # the models' bytes come as a nested ObjectRef (fetched here, kept alive by the driver for restarts)
-        models, reference = ray.get(payload[0])
-
-        from .evaluate import _build_mirror, _load_reference
-        from .ort_estimator import OrtModel
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self.threads = max(1, int(round(cpus)))
-        torch.set_num_threads(self.threads)
-        self.models: dict[int, tuple[Any, Any] | LaqonnxError] = {}
-        for i, blob in enumerate(models):
-            if blob is None:
-                continue
-            try:
-                ort = OrtModel(onnx.load_from_string(blob), threads=self.threads, output=output)
-                self.models[i] = (ort, _build_mirror(ort.model)[0])
-            except LaqonnxError as exc:  # the driver fails this model on its own; keep the reason
-                self.models[i] = exc
-        self.reference = (None if reference is None
-                          else _load_reference(onnx.load_from_string(reference), output, self.threads))
-        self._contexts: dict[_Spec, AttackContext] = {}
-
-    def _context(self, spec: _Spec) -> AttackContext:
-        from .mirror import mirror_classifier
-        from .ort_estimator import ort_classifier
-
-        if spec in self._contexts:
-            return self._contexts[spec]
-        built = self.models.get(spec.model_index)
-        if isinstance(built, LaqonnxError) or built is None:
-            raise built or LaqonnxError(f"model {spec.model_index} was not sent to the worker")
-        ort, mirror = built
-        t, shape, classes = spec.threat, spec.input_shape, spec.nb_classes
-        mirror_art = (mirror_classifier(mirror, shape, classes, clip_values=t.input_range,
-                                        channels_first=spec.channels_first)
-                      if spec.mirror and mirror is not None else None)
-        ref_art = (self.reference.classifier(shape, t)[0]
-                   if spec.reference and self.reference is not None else None)
-        ctx = AttackContext(threat=t, preset=spec.preset, ort=ort,
-                            ort_art=ort_classifier(ort, shape, classes, clip_values=t.input_range,
-                                                   channels_first=spec.channels_first),
-                            mirror_art=mirror_art, reference_art=ref_art, nb_classes=classes, input_shape=shape,
-                            batch_size=spec.batch_size, seed=spec.seed, channels_first=spec.channels_first,
-                            model_index=spec.model_index)
-        self._contexts[spec] = ctx
-        return ctx
-
-    def run(self, spec: _Spec, attack: str, batch: int, xs: np.ndarray, ys: np.ndarray) -> tuple:
-        self._maybe_die(attack, batch)
-        ctx = dataclasses.replace(self._context(spec), shard=(attack, batch))
-        return spec.model_index, attack, batch, attack_batch(attack, ctx, xs, ys)
-
-    @staticmethod
-    def _maybe_die(attack: str, batch: int) -> None:
-        fault = os.environ.get(FAULT_FILE_ENV)
-        if not fault:
-            return
-        try:
-            with open(fault) as f:
-                want = f.read().strip()
-            if want and want != f"{attack}/{batch}":
-                return
-            os.remove(fault)
-        except FileNotFoundError:
-            return
-        os._exit(17)
-
-    def threads_used(self) -> int:
-        return self.threads
-
-
 def _serialized(model: Any) -> bytes | None:
     from .ort_estimator import load_model
 
@@ -294,7 +195,7 @@ class _RayRunner:
             workers = fit
         # the models' bytes go to the object store once; the driver keeps the ref alive for replacement workers
         self._payload = ray.put(([_serialized(m) for m in models], None if reference is None else _serialized(reference)))
-        actor = ray.remote(_Worker).options(num_cpus=cpus, max_restarts=0)
+        actor = ray.remote(Worker).options(num_cpus=cpus, max_restarts=0)
         self._new_actor = lambda: actor.remote([self._payload], output)
         self.actors = [self._new_actor() for _ in range(workers)]
         # the workers up (constructors done) before the first shard: a broken setup fails here, in one line.
@@ -391,7 +292,7 @@ class _RayRunner:
                 correct: np.ndarray) -> Callable[[str], AttackResult | NotApplicable]:
         self._drain()
         self._tick, self._preset = ctx.tick, ctx.preset
-        spec = self.ray.put(_Spec(ctx.model_index, ctx.threat, ctx.preset, tuple(ctx.input_shape), ctx.nb_classes,
+        spec = self.ray.put(ShardSpec(ctx.model_index, ctx.threat, ctx.preset, tuple(ctx.input_shape), ctx.nb_classes,
                                   ctx.batch_size, ctx.seed, ctx.channels_first, ctx.mirror_art is not None,
                                   ctx.reference_art is not None))
         batches = shard_batches(ctx, correct)
