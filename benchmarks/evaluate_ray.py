@@ -7,18 +7,20 @@ at L-inf eps = 0.1 with the quick preset's budgets, no latency, no sweep, 1 thre
 figure is ``N x attacks / wall seconds`` of the whole ``evaluate`` call; the Ray cluster is started
 once beforehand (``ray.init(num_cpus=os.cpu_count())``, its start-up time reported apart), while the
 per-call worker start-up (actors importing torch/ART and building sessions and mirrors) is included.
-Every run's JSON figures (without timings) must be identical across engines; the benchmark checks it.
+``--preset`` picks the budgets (each preset's result is kept under ``runs`` in the JSON). Every run's JSON figures (without timings) must be identical across engines; the benchmark checks it.
 
 Sharding: a model's work is attacks x ceil(clean-correct / batch_size) shards, run one at a time per
 worker; more workers than shards cannot help, and the slowest shard (square's black-box queries, or
 apgd) bounds the wall time. The machine is shared: the load average is recorded with the timings.
 
-    python benchmarks/evaluate_ray.py [--n 200] [--batch-size 25] [--repeats 3] [--workers 1 2] [--address ADDR]
+    python benchmarks/evaluate_ray.py [--n 200] [--batch-size 25] [--repeats 3] [--workers 1 2] [--preset quick]
+                                      [--address ADDR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=25, help="attack batch = shard size (default 25)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--preset", default="quick", help="attack budgets (default quick)")
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     ap.add_argument("--out", default=str(RESULT))
     args = ap.parse_args(argv)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for name, engine in engines.items():
             start = time.perf_counter()
-            report = laqonnx.evaluate(work / "int8.onnx", data, EPS, attacks=list(ATTACKS), reference=work / "float.onnx",
+            report = laqonnx.evaluate(work / "int8.onnx", data, EPS, attacks=list(ATTACKS), reference=work / "float.onnx", preset=args.preset,
                                       batch_size=args.batch_size, latency=False, sweep=False, progress=False,
                                       threads=1, seed=0, engine=engine)
             times[name].append(time.perf_counter() - start)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "evaluate_ray",
         "model": "tests/_digits_model.py digits CNN (8x8), int8 QDQ per-channel; float export as transfer reference",
         "n_examples": n_examples, "clean_correct": n_correct, "attacks": list(ATTACKS), "eps": EPS,
-        "preset": "quick", "batch_size": args.batch_size, "threads_per_worker": 1, "repeats": args.repeats,
+        "preset": args.preset, "batch_size": args.batch_size, "threads_per_worker": 1, "repeats": args.repeats,
         "shards": {"per_attack": shards_per_attack, "total": shards_per_attack * len(ATTACKS)},
         "cluster": args.address or f"local, ray.init(num_cpus={os.cpu_count()})",
         "cluster_start_seconds": round(cluster_start, 2),
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_example_attacks_per_s": {k: round(n_examples * len(ATTACKS) / v, 1) for k, v in med.items()},
         "speedup_vs_local": {k: round(med["local"] / v, 2) for k, v in med.items()},
         "attack_seconds_last_run": seconds,
+        "mean_shard_seconds_last_run": {k: {a: round(v / shards_per_attack, 3) for a, v in s.items()}
+                                        for k, s in seconds.items()},
         "figures_identical_across_engines": True,
         "robust_accuracy": reference_figures["models"][0]["robust_accuracy"],
         "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in load_after],
@@ -115,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         "note": "machine shared with a long benchmark on both cores: timings are noisy; ray timings include the "
                 "per-call worker start-up (actors import torch/ART, build sessions + mirrors), not the cluster's",
     }
-    atomic_write_json(args.out, result)
+    # one file, one entry per preset: {"benchmark": ..., "runs": {"quick": {...}, "standard": {...}}}
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    runs = old.get("runs", {old["preset"]: old} if "preset" in old else {})
+    runs[args.preset] = result
+    atomic_write_json(out, {"benchmark": "evaluate_ray", "runs": runs})
     print(f"wrote {args.out}", file=sys.stderr)
     for k in engines:
         print(f"{k:8s} median {med[k]:6.2f} s  {result['throughput_example_attacks_per_s'][k]:7.1f} example-attacks/s"
