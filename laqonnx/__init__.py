@@ -38,6 +38,8 @@ _API: dict[str, str] = {
     "CandidateSpace": "laqonnx.quant.metric",
     "evaluate": "laqonnx.robustness.evaluate",
     "EvaluationReport": "laqonnx.robustness.evaluate",
+    "Ray": "laqonnx.robustness.distributed",
+    "Local": "laqonnx.robustness.distributed",
     "deploy": "laqonnx.deployment",
     "LaqonnxError": "laqonnx.errors",
 }

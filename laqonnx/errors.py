@@ -16,6 +16,7 @@ __all__ = [
     "OutputError",
     "DependencyError",
     "OptionError",
+    "ClusterError",
     "LaqonnxWarning",
 ]
 
@@ -46,6 +47,10 @@ class DependencyError(LaqonnxError):
 
 class OptionError(LaqonnxError, ValueError):
     """An option or argument has an invalid value (out of range, unknown name, conflicting options)."""
+
+
+class ClusterError(LaqonnxError):
+    """A Ray cluster cannot be reached or started, or lost a worker beyond its retries."""
 
 
 class LaqonnxWarning(UserWarning):

@@ -35,7 +35,9 @@ EPILOG = """\
 examples:
   laqonnx evaluate float.onnx int8.onnx --data mnist --eps 0.1 --reference float.onnx
   laqonnx evaluate zuramai.onnx --data mnist --input-range=-1,1 --eps 0.2 --limit 200
-  laqonnx evaluate two_outputs.onnx --data test.npz --eps 8/255 --output logits --json eval.json"""
+  laqonnx evaluate two_outputs.onnx --data test.npz --eps 8/255 --output logits --json eval.json
+  laqonnx evaluate float.onnx int8.onnx --data mnist --eps 0.1 --preset standard --ray --workers 2
+  laqonnx evaluate *.onnx --data mnist --eps 0.1 --ray=ray://head:10001"""
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -72,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--report", metavar="DIR",
                    help="write a Markdown report with PNG plots to DIR (adds a robust-accuracy-vs-eps sweep)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the attacks on Ray (pip install 'laqonnx[distributed]'): a local cluster on this "
+                        "machine's CPUs, or join ADDRESS (auto, host:port, ray://host:port); same results as without")
+    p.add_argument("--workers", type=parse_positive_int, metavar="N",
+                   help="Ray worker actors (default: as many as the cluster's CPUs hold, --threads CPUs each)")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
 
@@ -82,8 +89,10 @@ def _run(args: argparse.Namespace) -> int:
     require("torch", "robustness")
     require("art", "robustness")
     from .._util.io import atomic_write_json, check_output_path
+    from ..robustness.distributed import engine_from_options
     from ..robustness.evaluate import evaluate, format_table
 
+    engine = engine_from_options(args.ray, args.workers)
     if args.json:
         check_output_path(args.json, *args.models, args.reference)
     late: OutputError | None = None  # the report folder failed after the attacks: print and save the results first
@@ -94,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.models, args.data, args.eps, norm=args.norm, preset=args.preset, attacks=args.attacks,
                 reference=args.reference, limit=args.limit, batch_size=args.batch_size, latency=not args.no_latency,
                 report_dir=args.report, threads=args.threads, seed=args.seed, progress=not args.no_progress,
-                input_range=args.input_range, output=args.output,
+                input_range=args.input_range, output=args.output, engine=engine,
             )
         except OutputError as exc:
             if getattr(exc, "report", None) is None:

@@ -18,6 +18,7 @@ An attack that does not apply (no reference, too few classes, non-image input) r
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -26,10 +27,11 @@ import numpy as np
 
 from ..errors import OptionError
 from ..vocab import AttackName, ThreatNorm
+from .shards import BatchOutcome, plan_batches, shard_seed
 
 __all__ = [
     "Threat", "Preset", "PRESETS", "ATTACKS", "AttackContext", "AttackResult", "NotApplicable",
-    "Masking", "register_attack", "run_attack", "worst_case", "gradient_masking", "perturbation_norm",
+    "Masking", "register_attack", "run_attack", "attack_batch", "gather", "worst_case", "gradient_masking", "perturbation_norm",
 ]
 
 Kind = Literal["white-box", "transfer", "black-box"]
@@ -112,7 +114,8 @@ class NotApplicable:
 
 @dataclass
 class AttackContext:
-    """Everything an attack may use. ``tick(n)`` advances the caller's progress bar."""
+    """Everything an attack may use. ``tick(n)`` advances the caller's progress bar. ``model_index``
+    and ``shard`` (attack name, batch index; set by :func:`run_attack`) key the shard's seeds."""
 
     threat: Threat
     preset: Preset
@@ -126,6 +129,8 @@ class AttackContext:
     channels_first: bool = True  # False for an (H, W, C) model input
     seed: int = 0
     tick: Callable[[int], None] = lambda n: None
+    model_index: int = 0
+    shard: tuple[str, int] = ("", 0)
 
 
 @dataclass(frozen=True)
@@ -172,10 +177,12 @@ def perturbation_norm(delta: np.ndarray, norm: str) -> np.ndarray:
 
 
 def _seed(ctx: AttackContext, offset: int) -> None:
+    """Seed numpy's and torch's global RNGs (ART draws from them) for restart ``offset`` of ctx's shard."""
     import torch
 
-    np.random.seed(ctx.seed + offset)
-    torch.manual_seed(ctx.seed + offset)
+    s = shard_seed(ctx.seed, ctx.model_index, ctx.shard[0], ctx.shard[1], offset)
+    np.random.seed(s)
+    torch.manual_seed(s)
 
 
 def _chunked(ctx: AttackContext, attack: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -273,33 +280,67 @@ def _hsj(ctx: AttackContext, x: np.ndarray, y: np.ndarray) -> list[np.ndarray] |
     return [_chunked(ctx, attack, x, y)]
 
 
-def run_attack(name: str, ctx: AttackContext, x: np.ndarray, y: np.ndarray,
-               clean_correct: np.ndarray) -> AttackResult | NotApplicable:
-    """Run attack ``name`` on the clean-correct examples and score every candidate on onnxruntime."""
+def attack_batch(name: str, ctx: AttackContext, xs: np.ndarray, ys: np.ndarray) -> BatchOutcome | NotApplicable:
+    """Run attack ``name`` on one shard (clean-correct examples ``xs``, labels ``ys``; ``ctx.shard``
+    set) and score every candidate on onnxruntime."""
     spec = ATTACKS[name]
     if spec.kind == "white-box" and ctx.mirror_art is None:
         return NotApplicable("no differentiable mirror of the model")
     start = time.perf_counter()
-    n = len(x)
-    fooled = np.zeros(n, dtype=bool)
-    idx = np.flatnonzero(clean_correct)
+    fooled = np.zeros(len(xs), dtype=bool)
     agree = total = 0
-    if len(idx) and ctx.threat.eps > 0:
-        xs, ys = x[idx], np.eye(ctx.nb_classes, dtype=np.float32)[y[idx]]
-        out = spec.run(ctx, xs, ys)
+    out = spec.run(ctx, xs, np.eye(ctx.nb_classes, dtype=np.float32)[ys])
+    if isinstance(out, NotApplicable):
+        return out
+    for cand in out:
+        cand = np.clip(cand, *ctx.threat.input_range)
+        valid = perturbation_norm(cand - xs, ctx.threat.norm) <= ctx.threat.eps * (1 + 1e-5) + 1e-7
+        pred = ctx.ort.labels(cand, ctx.batch_size)
+        fooled |= valid & (pred != ys)
+        if spec.kind == "white-box" and ctx.mirror_art is not None:
+            mpred = ctx.mirror_art.predict(cand, batch_size=ctx.batch_size).argmax(axis=1)
+            agree += int((mpred == pred).sum())
+            total += len(cand)
+    return BatchOutcome(fooled, time.perf_counter() - start, agree, total)
+
+
+def gather(name: str, clean_correct: np.ndarray, batches: list[np.ndarray],
+           outcomes: list[BatchOutcome | NotApplicable], seconds: float | None = None) -> AttackResult | NotApplicable:
+    """One attack's result from its shards' outcomes (``batches[i]`` the example indices of ``outcomes[i]``);
+    ``seconds`` defaults to the shards' sum."""
+    fooled = np.zeros(len(clean_correct), dtype=bool)
+    agree = total = 0
+    for sel, out in zip(batches, outcomes):
         if isinstance(out, NotApplicable):
             return out
-        for cand in out:
-            cand = np.clip(cand, *ctx.threat.input_range)
-            valid = perturbation_norm(cand - xs, ctx.threat.norm) <= ctx.threat.eps * (1 + 1e-5) + 1e-7
-            pred = ctx.ort.labels(cand, ctx.batch_size)
-            fooled[idx] |= valid & (pred != y[idx])
-            if spec.kind == "white-box" and ctx.mirror_art is not None:
-                mpred = ctx.mirror_art.predict(cand, batch_size=ctx.batch_size).argmax(axis=1)
-                agree += int((mpred == pred).sum())
-                total += len(cand)
-    robust = clean_correct & ~fooled
-    return AttackResult(name, spec.kind, fooled, robust, time.perf_counter() - start, agree, total)
+        fooled[sel] |= out.fooled
+        agree += out.mirror_agree
+        total += out.mirror_total
+    if seconds is None:
+        seconds = sum(o.seconds for o in outcomes)  # type: ignore[union-attr]
+    return AttackResult(name, ATTACKS[name].kind, fooled, clean_correct & ~fooled, seconds, agree, total)
+
+
+def shard_batches(ctx: AttackContext, clean_correct: np.ndarray) -> list[np.ndarray]:
+    """The shards (example indices) an attack runs on: none when no example is clean-correct or eps is 0."""
+    idx = np.flatnonzero(clean_correct)
+    return plan_batches(idx, ctx.batch_size) if len(idx) and ctx.threat.eps > 0 else []
+
+
+def run_attack(name: str, ctx: AttackContext, x: np.ndarray, y: np.ndarray,
+               clean_correct: np.ndarray) -> AttackResult | NotApplicable:
+    """Run attack ``name`` on the clean-correct examples, shard by shard (see :mod:`.shards`), and
+    score every candidate on onnxruntime."""
+    if ATTACKS[name].kind == "white-box" and ctx.mirror_art is None:
+        return NotApplicable("no differentiable mirror of the model")
+    start = time.perf_counter()
+    batches = shard_batches(ctx, clean_correct)
+    outcomes: list[BatchOutcome | NotApplicable] = []
+    for b, sel in enumerate(batches):
+        outcomes.append(attack_batch(name, dataclasses.replace(ctx, shard=(name, b)), x[sel], y[sel]))
+        if isinstance(outcomes[-1], NotApplicable):
+            break
+    return gather(name, clean_correct, batches, outcomes, time.perf_counter() - start)
 
 
 def worst_case(clean_correct: np.ndarray, results: list[AttackResult]) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -104,10 +104,12 @@ class EvaluationReport:
     seed: int = 0
     input_range: tuple[float, float] = (0.0, 1.0)
     failed: tuple[FailedModel, ...] = ()
+    engine: Mapping[str, Any] = field(default_factory=lambda: {"name": "local", "workers": 1})
 
     def to_json(self) -> dict[str, Any]:
         return {"eps": self.eps, "norm": self.norm, "input_range": list(self.input_range), "preset": self.preset,
                 "attacks": list(self.attacks), "reference": self.reference, "seed": self.seed,
+                "engine": dict(self.engine),
                 "models": [m.to_json() for m in self.models] + [f.to_json() for f in self.failed]}
 
 

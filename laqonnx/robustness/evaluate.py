@@ -30,6 +30,7 @@ from ..graph.passes import one_line
 from ..vocab import AttackPreset
 from .attacks import ATTACKS, PRESETS, AttackContext, AttackResult, NotApplicable, Preset, Threat
 from .attacks import gradient_masking, run_attack, worst_case
+from .distributed import LOCAL, Engine, start_engine
 from .evaldata import RunOptions, channels_first, load_eval_data, model_size, warn_large_eps
 from .evalreport import RELIABLE_AGREEMENT, EvaluationReport, FailedModel, ModelEvaluation, format_table
 from .ort_estimator import OrtModel, load_model
@@ -153,9 +154,10 @@ class _Job:
     output: str | None
     reference: _Reference | None
     opts: RunOptions
+    runner: Any = None  # distributed.start_engine's: where the attacks run
 
 
-def _evaluate_one(model: Any, name: str, job: _Job) -> ModelEvaluation:
+def _evaluate_one(model: Any, name: str, job: _Job, index: int = 0) -> ModelEvaluation:
     from .mirror import mirror_classifier
     from .ort_estimator import ort_classifier
 
@@ -193,10 +195,11 @@ def _evaluate_one(model: Any, name: str, job: _Job) -> ModelEvaluation:
         ctx = AttackContext(threat=threat, preset=job.preset, ort=ort,
                             ort_art=ort_classifier(ort, shape, classes, clip_values=threat.input_range, channels_first=first),
                             mirror_art=mirror_art, reference_art=ref_art, nb_classes=classes, input_shape=shape,
-                            batch_size=opts.batch_size, seed=opts.seed, channels_first=first)
+                            batch_size=opts.batch_size, seed=opts.seed, channels_first=first, model_index=index)
         chunks = -(-int(correct.sum()) // opts.batch_size)
         bar = _Bar(sum(ATTACKS[a].rounds(job.preset) for a in job.attacks) * chunks, name, opts.progress)
         ctx.tick = bar.tick
+        outcome = job.runner.prepare(ctx, job.attacks, x, y, correct)
         for attack in job.attacks:
             bar.bar.set_description(f"{Path(name).name}: {attack}")
             if attack == "transfer" and ref_reason:
@@ -205,7 +208,7 @@ def _evaluate_one(model: Any, name: str, job: _Job) -> ModelEvaluation:
             if ATTACKS[attack].kind == "white-box" and mirror_error:
                 skipped[attack] = f"no mirror: {mirror_error}"
                 continue
-            out = run_attack(attack, ctx, x, y, correct)
+            out = outcome(attack)
             if isinstance(out, NotApplicable):
                 skipped[attack] = out.reason
             else:
@@ -254,6 +257,7 @@ def evaluate(
     progress: bool = True,
     input_range: tuple[float, float] = (0.0, 1.0),
     output: str | None = None,
+    engine: Engine = LOCAL,
 ) -> EvaluationReport:
     """Attack each model (path or ``onnx.ModelProto``, or a list of them) and score it on onnxruntime.
 
@@ -288,6 +292,9 @@ def evaluate(
     attacks run small batches where per-op overhead dominates, and multi-threaded torch was
     measured 10-50x slower on a loaded 2-core machine); the latency measurement uses ``threads``
     if given, else :func:`laqonnx.latency.measure_latency`'s default (physical cores).
+
+    ``engine`` is where the attacks run: :class:`~laqonnx.robustness.distributed.Local` (this process)
+    or :class:`~laqonnx.robustness.distributed.Ray` (a Ray cluster; same results for the same seed).
     """
     preset = AttackPreset.check(preset, "preset")
     threat = Threat(float(eps), str(norm), tuple(input_range))  # type: ignore[arg-type]
@@ -312,13 +319,14 @@ def evaluate(
                       sweep=bool(report_dir) if sweep is None else sweep)
     evaluations: list[ModelEvaluation] = []
     failed: list[tuple[Any, FailedModel, LaqonnxError]] = []
-    with _torch_threads(threads or 1):
+    with _torch_threads(threads or 1), start_engine(engine, model_list, reference if "transfer" in names else None,
+                                                     output, threads) as runner:
         ref = _load_reference(reference, output, threads) if reference is not None and "transfer" in names else None
-        job = _Job(data, limit, names, threat, chosen, output, ref, opts)
+        job = _Job(data, limit, names, threat, chosen, output, ref, opts, runner)
         for i, model in enumerate(model_list):
             name = _name(model, i)
             try:
-                evaluations.append(_evaluate_one(model, name, job))
+                evaluations.append(_evaluate_one(model, name, job, i))
             except LaqonnxError as exc:
                 failed.append((model, FailedModel(name, one_line(exc, 500)), exc))
     if not evaluations:
@@ -331,7 +339,8 @@ def evaluate(
         warnings.warn(f"{f.path} was not evaluated: {f.error}", LaqonnxWarning, stacklevel=2)
     report = EvaluationReport(eps=threat.eps, norm=threat.norm, preset=preset, attacks=names,
                               models=tuple(evaluations), reference=None if ref is None else ref.name, seed=seed,
-                              input_range=threat.input_range, failed=tuple(f for _, f, _ in failed))
+                              input_range=threat.input_range, failed=tuple(f for _, f, _ in failed),
+                              engine=runner.info)
     if report_dir is not None:
         from ..report import write_report
 
