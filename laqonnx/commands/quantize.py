@@ -83,6 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-float", action="store_true", help="with a budget, allow leaving layers in float")
     p.add_argument("--no-guard", action="store_true",
                    help="write the objective's own choice without comparing it with the alternatives")
+    p.add_argument("--no-latency-check", action="store_true",
+                   help="skip timing the float and the written model after writing (batch 1, < 1 s on small models; "
+                        "a quantized model slower than float gets a note)")
     p.add_argument("--json", metavar="OUT.json", help="write the result summary as JSON")
     p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
@@ -116,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         output_name=args.output_name, input_range=args.input_range, calib_limit=args.calib_limit,
         allow_float=args.allow_float, guard=not args.no_guard, metric_examples=args.metric_examples,
         rounding=args.rounding, progress=not args.no_progress, candidates=candidates,
+        latency_check=not args.no_latency_check,
     )
     plan = result.plan
     ranges = plan.range_map()
@@ -141,6 +145,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"average weight bits {result.avg_weight_bits:.3g}; size {format_bytes(result.size_bytes)} "
           f"(float {format_bytes(result.float_size_bytes)}); top-1 agreement with float {agree}; "
           f"{result.timings.get('total', 0.0):.1f} s")
+    if result.latency is not None:
+        print(f"latency at batch 1 (interleaved medians): quantized {result.latency.quantized_ms:.3g} ms, "
+              f"float {result.latency.float_ms:.3g} ms ({result.latency.ratio:.2f}x)")
     for w in result.warnings:
         print(f"note: {w}", file=sys.stderr)
     print(f"wrote {result.output}")

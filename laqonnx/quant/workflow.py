@@ -30,6 +30,7 @@ from ..vocab import Baseline
 from .adversarial import FromData, Generated, Off
 from .costs import AvgBits, MaxBytes
 from .guard import OrtRunner, logits_view
+from .latency_check import LatencyCheck, check_latency, slower_note
 from .lower import drop_unused_initializers, lower, ort_baseline, quantized_tensors
 from .metric import CandidateSpace
 from .numerics import PerChannel, PerTensor
@@ -41,7 +42,8 @@ __all__ = ["quantize", "plan_model", "apply_plan", "QuantizeResult", "QuantizeOp
            "AGREEMENT_WARNING"]
 
 INT4_NOTE = (
-    "int4 weights are not fused into onnxruntime's int8 CPU kernels: int4 layers run ~4x slower than int8"
+    "int4 Conv weights are not fused by onnxruntime's CPU provider: int4 Conv layers run ~4x slower than int8 "
+    "(int4 MatMul/Gemm layers are written for its fused MatMulNBits kernel)"
 )
 AGREEMENT_WARNING = 0.9  # below this top-1 agreement with the float model, the result warns loudly
 _CHECK_EXAMPLES = 256
@@ -62,6 +64,7 @@ class QuantizeResult:
     baseline_output: Path | None = None
     baseline_agreement: float | None = None
     warnings: tuple[str, ...] = ()
+    latency: LatencyCheck | None = None  # batch-1 float vs written model, with latency_check
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +79,7 @@ class QuantizeResult:
             "guard": None if self.plan.guard is None else self.plan.guard.to_json(),
             "timings": dict(self.timings),
             "warnings": list(self.warnings),
+            "latency": None if self.latency is None else self.latency.to_json(),
             "layers": [
                 {"name": lp.name, "weight": lp.chosen.describe()[0], "activation": lp.chosen.describe()[1]}
                 for lp in self.plan.layers
@@ -135,7 +139,8 @@ def _agreement_note(agreement: float | None, what: str) -> list[str]:
 
 
 def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, protect: list, x: np.ndarray | None,
-           baseline: str | None, per_channel: bool, warnings: list[str], timings: dict[str, float]) -> QuantizeResult:
+           baseline: str | None, per_channel: bool, warnings: list[str], timings: dict[str, float],
+           latency_check: bool = False) -> QuantizeResult:
     t = time.perf_counter()
     drop_unused_initializers(qmodel)
     agreement = _check(pm, qmodel, x, "quantized model")
@@ -151,10 +156,20 @@ def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, pr
         drop_unused_initializers(base_model)
         base_agreement = _check(pm, base_model, x, f"onnxruntime {baseline} model")
         warnings += _agreement_note(base_agreement, f"onnxruntime {baseline} model")
-    int4 = [lp.name for lp in plan.layers if lp.chosen.weight is not None and lp.chosen.weight.bits == 4]
+    int4 = [lp.name for lp in plan.layers if lp.chosen.weight is not None and lp.chosen.weight.bits == 4
+            and lp.op_type not in ("MatMul", "Gemm")]
     if int4:
-        warnings.append(f"{INT4_NOTE} ({len(int4)} int4 layer(s): {', '.join(int4)})")
+        warnings.append(f"{INT4_NOTE} ({len(int4)} int4 Conv layer(s): {', '.join(int4)})")
     timings["check"] = time.perf_counter() - t
+    latency = None
+    if latency_check:
+        t = time.perf_counter()
+        latency = check_latency(pm.model, qmodel, pm.input_shape[1:])
+        note = slower_note(latency)
+        if note is not None:
+            warnings.append(note)
+            plan = dataclasses.replace(plan, warnings=tuple(dict.fromkeys([*plan.warnings, note])))
+        timings["latency"] = time.perf_counter() - t
     t = time.perf_counter()
     plan_out = plan_path_for(out)
     rounding_out = None
@@ -176,7 +191,7 @@ def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, pr
     return QuantizeResult(
         output=out, plan_path=plan_out, plan=plan, avg_weight_bits=plan.avg_bits, size_bytes=out.stat().st_size,
         float_size_bytes=pm.model.ByteSize(), agreement=agreement, timings=timings, baseline_output=base_out,
-        baseline_agreement=base_agreement, warnings=tuple(dict.fromkeys(warnings)),
+        baseline_agreement=base_agreement, warnings=tuple(dict.fromkeys(warnings)), latency=latency,
     )
 
 
@@ -193,6 +208,7 @@ def apply_plan(
     baseline: str | None = None,
     per_channel: bool = False,
     progress: bool = True,
+    latency_check: bool = False,
 ) -> QuantizeResult:
     """Lower a (possibly edited) plan for ``model`` and write it (see the module doc). With ``calib``
     the activation ranges are recomputed from it with each tensor's setting, else the plan's stored
@@ -243,7 +259,7 @@ def apply_plan(
     the_plan, spec = lowering_spec(pm, the_plan)
     qmodel = lower(pm.model, spec)
     timings["lower"] = time.perf_counter() - t
-    result = _write(pm, the_plan, qmodel, out, protect, x, baseline, per_channel, warnings, timings)
+    result = _write(pm, the_plan, qmodel, out, protect, x, baseline, per_channel, warnings, timings, latency_check)
     timings["total"] = time.perf_counter() - t0
     return result
 
@@ -295,6 +311,7 @@ def quantize(
     rounding: str | None = None,
     progress: bool = True,
     candidates: CandidateSpace | None = None,
+    latency_check: bool = False,
 ) -> QuantizeResult:
     """Quantize ``model`` (a path or ``onnx.ModelProto``) to a QDQ model at ``output``.
 
@@ -307,7 +324,9 @@ def quantize(
     edited) plan instead (see :func:`apply_plan`). ``guard``: compare with the ablations and the
     uniform rule and keep the best measured. ``rounding``: ``auto`` (default: adaptive rounding
     is a candidate of the int4 per-channel MSE settings), ``nearest`` or ``adaptive`` (forced on
-    every layer). See :mod:`laqonnx.quant.metric` for the metric.
+    every layer). ``latency_check``: after writing, time the float and the written model (batch 1,
+    interleaved, < 1 s on small models) and warn if the quantized one is slower. See
+    :mod:`laqonnx.quant.metric` for the metric.
     """
     if avg_weight_bits is not None and max_bytes is not None:
         raise OptionError("give at most one budget: avg_weight_bits or max_bytes")
@@ -320,7 +339,7 @@ def quantize(
                             "apply when re-applying a plan (--plan): edit the plan's settings instead")
         return apply_plan(model, plan, output, calib, input_shape=input_shape, output_name=output_name,
                           input_range=input_range, calib_limit=calib_limit, baseline=baseline,
-                          per_channel=bool(per_channel), progress=progress)
+                          per_channel=bool(per_channel), progress=progress, latency_check=latency_check)
     if calib is None:
         raise DataError("calibration data is required (--calib), unless re-applying a plan with --plan")
     if baseline is not None:
@@ -349,6 +368,6 @@ def quantize(
     timings.update(planned.timings)
     x = planned.calibration.data.clean
     result = _write(pm, planned.plan, planned.lowered, out, protect, x, baseline, bool(per_channel), list(planned.plan.warnings),
-                    timings)
+                    timings, latency_check)
     timings["total"] = time.perf_counter() - t0
     return result
