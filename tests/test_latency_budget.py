@@ -71,15 +71,16 @@ def test_absolute_budget_and_validation():
         choose(scored, pm, MaxLatency(ms=1.0))
     with pytest.raises(PlanError, match="outside its layers"):
         choose(scored, pm, MaxLatency(ms=0.01), latency=table)
-    for bad in [dict(), dict(ms=1.0, relative=0.5), dict(ms=-1.0), dict(relative=float("nan")), dict(ms=True)]:
+    for bad in [{}, {"ms": 1.0, "relative": 0.5}, {"ms": -1.0}, {"relative": float("nan")}, {"ms": True}]:
         with pytest.raises(OptionError):
             MaxLatency(**bad)
 
 
 def test_attribution_follows_qdq_plumbing():
+    from onnx import numpy_helper
+
     from laqonnx.quant.lower import LoweringSpec, lower, quantized_tensors
     from laqonnx.quant.numerics import weight_qparams
-    from onnx import numpy_helper
 
     model = models.mlp(seed=0, dims=(16, 12, 5))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -89,3 +90,29 @@ def test_attribution_follows_qdq_plumbing():
     per, rest = attribute(times, q, ["fc0", "fc1"])
     assert per["fc0"] >= 2 and per["fc1"] >= 2  # the layer and the QDQ pairs around it
     assert sum(per.values()) + rest == len(times)
+
+
+def test_quantize_under_max_latency_with_a_fake_table(monkeypatch, tmp_path):
+    """End to end with a given table (no profiling) and a fake measurement after writing."""
+    import laqonnx
+    from laqonnx.quant import workflow
+    from laqonnx.quant.latency_check import LatencyCheck
+
+    model = models.mlp(seed=4, dims=(16, 12, 10, 5))
+    # int4 much slower than int8 on fc0 and fc1, faster on fc2: a tight budget must keep fc0/fc1 int8
+    costs = {"fc0": {"float": 1.0, "int8": 0.2, "int4": 2.0}, "fc1": {"float": 1.0, "int8": 0.2, "int4": 2.0},
+             "fc2": {"float": 1.0, "int8": 0.3, "int4": 0.25}}
+    table = LatencyTable(costs, rest_ms=0.1, float_ms=3.1)
+    monkeypatch.setattr(workflow, "check_latency", lambda *a, **k: LatencyCheck(float_ms=3.0, quantized_ms=1.0))
+    x = models.random_input(model, n=32, seed=3)
+    res = laqonnx.quantize(model, tmp_path / "q.onnx", x, eps=0.0, adversarial_calib=False, guard=False, progress=False,
+                           max_latency="0.25x", latency_table=table)
+    bits = {lp.name: lp.chosen.weight.bits for lp in res.plan.layers}
+    assert bits["fc0"] == 8 and bits["fc1"] == 8
+    assert any("latency budget 0.25x" in w for w in res.plan.warnings)
+    assert any("the written model measures 1 ms" in w and "0.75 ms" in w and "misses" in w for w in res.warnings)
+    with pytest.raises(PlanError, match="max-latency"):
+        laqonnx.quantize(model, tmp_path / "r.onnx", x, eps=0.0, adversarial_calib=False, guard=False, progress=False,
+                         max_latency="0.1x", latency_table=table)
+    with pytest.raises(OptionError, match="max-latency takes"):
+        laqonnx.quantize(model, tmp_path / "s.onnx", x, max_latency="fast", progress=False)

@@ -53,7 +53,7 @@ def _reference(inits, weights, x, blocked: int | None = None):
 
 @pytest.mark.parametrize("gran,block", [(PerChannel(0), None), (PerTensor(), None), (PerChannel(0), 32)])
 def test_int4_gemm_is_fused_into_matmulnbits(gran, block, tmp_path):
-    model, inits, weights, x, q, ranges = _mlp_int4(gran, NBits(block_size=block))
+    _model, inits, weights, x, q, ranges = _mlp_int4(gran, NBits(block_size=block))
     onnx.checker.check_model(q, full_check=True)
     assert not [n for n in q.graph.node if n.op_type == "Gemm"]
     opt, sess = _optimized(q, tmp_path)
@@ -106,7 +106,7 @@ def test_int8_layers_untouched():
     model = onnx.shape_inference.infer_shapes(models.concat())
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     weights = {k: weight_qparams(inits[k], WeightQuant(8, PerChannel(1 if k == "wm" else 0))) for k in ("wl", "wr", "wm")}
-    spec = dict(weights=weights, ranges={t: (-20.0, 20.0) for t in quantized_tensors(model)})
+    spec = {"weights": weights, "ranges": {t: (-20.0, 20.0) for t in quantized_tensors(model)}}
     a, b = lower(model, LoweringSpec(**spec)), lower(model, LoweringSpec(**spec, nbits=None))
     assert a.SerializeToString() == b.SerializeToString()
 

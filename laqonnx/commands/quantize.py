@@ -52,6 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--avg-weight-bits", type=parse_positive_fraction, metavar="B",
                    help="budget: parameter-weighted average weight bits (mixes int8/int4)")
     p.add_argument("--max-bytes", type=parse_positive_int, metavar="N", help="budget: model bytes (from initializer sizes)")
+    p.add_argument("--max-latency", metavar="0.7x|3.5ms",
+                   help="budget: latency on this CPU, relative to the float model (0.7x) or absolute (3.5ms), over per-layer "
+                        "costs measured by onnxruntime's profiler (cached); the written model is measured against it")
+    p.add_argument("--latency-batch", type=parse_positive_int, default=1, metavar="N",
+                   help="batch size of --max-latency (default 1)")
     adv = p.add_mutually_exclusive_group()
     adv.add_argument("--adversarial-calib", nargs="?", const=True, default=None, metavar="NPZ",
                      help="alone: PGD examples at --eps on the float model (the default when eps > 0); with a path: "
@@ -119,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
         output_name=args.output_name, input_range=args.input_range, calib_limit=args.calib_limit,
         allow_float=args.allow_float, guard=not args.no_guard, metric_examples=args.metric_examples,
         rounding=args.rounding, progress=not args.no_progress, candidates=candidates,
-        latency_check=not args.no_latency_check,
+        latency_check=not args.no_latency_check, max_latency=args.max_latency, latency_batch=args.latency_batch,
     )
     plan = result.plan
     ranges = plan.range_map()

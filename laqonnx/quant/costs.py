@@ -25,7 +25,7 @@ from .metric import LayerTerms, Scored, WeightScore
 from .numerics import PerChannel
 from .select import Group, Option, select
 
-__all__ = ["AvgBits", "MaxBytes", "MaxLatency", "Budget", "LATENCY_UNITS_PER_MS", "Choice", "choose", "weight_bytes"]
+__all__ = ["AvgBits", "MaxBytes", "MaxLatency", "parse_max_latency", "Budget", "LATENCY_UNITS_PER_MS", "Choice", "choose", "weight_bytes"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,19 @@ class MaxLatency:
 
     def describe(self) -> str:
         return f"{self.ms:g} ms" if self.ms is not None else f"{self.relative:g}x the float model"
+
+
+def parse_max_latency(text: str, batch: int = 1) -> MaxLatency:
+    """``0.7x`` (relative to the float model) or ``3.5ms`` (absolute)."""
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("ms"):
+            return MaxLatency(ms=float(t[:-2]), batch=batch)
+        if t.endswith("x"):
+            return MaxLatency(relative=float(t[:-1]), batch=batch)
+    except ValueError:
+        pass
+    raise OptionError(f"--max-latency takes 0.7x (relative to the float model) or 3.5ms, got {text!r}")
 
 
 LATENCY_UNITS_PER_MS = 10_000  # knapsack costs in 0.1 us
@@ -127,9 +140,9 @@ def _latency_budget(budget: MaxLatency, latency):
         raise OptionError("a MaxLatency budget needs a latency table (measured per-layer costs)")
 
     def cost_latency(lt: LayerTerms, s: WeightScore) -> int:
-        return int(round(latency.cost_ms(lt.layer.name, s.setting) * LATENCY_UNITS_PER_MS))
+        return round(latency.cost_ms(lt.layer.name, s.setting) * LATENCY_UNITS_PER_MS)
 
-    fixed = int(round(latency.rest_ms * LATENCY_UNITS_PER_MS))
+    fixed = round(latency.rest_ms * LATENCY_UNITS_PER_MS)
     limit = int(math.floor(budget.limit_ms(latency.float_ms) * LATENCY_UNITS_PER_MS)) - fixed
     if limit < 0:
         raise PlanError(f"--max-latency {budget.describe()} is below the latency of the model outside its layers "

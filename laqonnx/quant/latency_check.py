@@ -18,7 +18,7 @@ import onnx
 from ..errors import LaqonnxWarning
 from ..latency import compare_latency
 
-__all__ = ["LatencyCheck", "check_latency", "slower_note"]
+__all__ = ["LatencyCheck", "budget_note", "check_latency", "slower_note"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,21 @@ class LatencyCheck:
 
 
 def check_latency(float_model: onnx.ModelProto, quantized: onnx.ModelProto, input_shape: Sequence[int] | None = None,
-                  *, runs: int = 30) -> LatencyCheck:
-    """Interleaved batch-1 medians of both models (``input_shape``: without the batch dimension)."""
-    res = compare_latency({"float": float_model, "quantized": quantized}, rounds=5, batch_sizes=(1,), warmup=5,
+                  *, runs: int = 30, batch: int = 1) -> LatencyCheck:
+    """Interleaved medians of both models at ``batch`` (``input_shape``: without the batch dimension)."""
+    res = compare_latency({"float": float_model, "quantized": quantized}, rounds=5, batch_sizes=(batch,), warmup=5,
                           runs=runs, input_shape=None if input_shape is None else tuple(input_shape))
     return LatencyCheck(res["float"].stats[0].p50_ms, res["quantized"].stats[0].p50_ms)
+
+
+def budget_note(check: LatencyCheck, budget) -> str:
+    """The written model's measured latency next to a :class:`~laqonnx.quant.costs.MaxLatency` budget."""
+    limit = budget.limit_ms(check.float_ms)
+    head = (f"the written model measures {check.quantized_ms:.3g} ms at batch {budget.batch} (float {check.float_ms:.3g} ms, "
+            f"interleaved medians) against the latency budget {budget.describe()} = {limit:.3g} ms")
+    if check.quantized_ms > limit:
+        return f"WARNING: {head}: it misses the budget (the per-layer costs are additive estimates; try a tighter budget)"
+    return head
 
 
 def slower_note(check: LatencyCheck, *, emit: bool = True) -> str | None:

@@ -3,7 +3,7 @@
 For each precision (``float``, ``int8``, ``int4``: every layer at that weight precision, lowered as
 :func:`laqonnx.quant.lower.lower` writes it, int4 MatMul/Gemm as MatMulNBits), the lowered model
 runs a few times with ``SessionOptions.enable_profiling``; each kernel's time is attributed to a
-layer: the layer's own (possibly fused) node, or the node named after it (``fc_bias``), else the
+layer: the layer's own (possibly fused: ``fused fc``) node, or the node named after it (``fc_bias``), else the
 layer a Quantize/Dequantize/Clip node feeds (or, failing that, the layer it reads from). What no
 layer claims is the rest of the graph, taken from the float model and held constant.
 
@@ -28,7 +28,7 @@ import onnx
 
 from ..errors import OptionError
 
-__all__ = ["LatencyTable", "precision_key", "profile_nodes", "attribute", "measure_table", "cache_path"]
+__all__ = ["LatencyTable", "attribute", "cache_path", "measure_table", "precision_key", "profile_nodes"]
 
 PRECISIONS = ("float", "int8", "int4")
 
@@ -138,7 +138,8 @@ def attribute(times: Mapping[str, float], graph: onnx.ModelProto, layers: Sequen
             producer[o] = n
 
     def own(node_name: str) -> str | None:
-        return next((lay for lay in names if node_name == lay or node_name.startswith(lay + "_")), None)
+        base = node_name.removeprefix("fused ")  # onnxruntime's name for a node fused with its activation
+        return next((lay for lay in names if base == lay or base.startswith((lay + "_", lay + "/"))), None)
 
     def walk(node: onnx.NodeProto | None, forward: bool, depth: int = 0) -> str | None:
         if node is None or depth > 4:
@@ -211,3 +212,27 @@ def measure_table(float_model: onnx.ModelProto, lowerings: Mapping[str, Callable
         except OSError:
             pass
     return table
+
+
+def table_for(pm, stats: Mapping, bits: Sequence[int], default_activation, *, batch: int = 1,
+              runs: int = 20, cache: bool = True) -> LatencyTable:
+    """The table of a prepared model over the weight precisions in ``bits`` (8, 4; 32 = float, always
+    measured): every layer at one precision, per-channel max-abs weights, activation ranges from
+    the calibration ``stats`` with ``default_activation``."""
+    from .lower import LoweringSpec, lower, quantized_tensors
+    from .numerics import PerChannel, WeightQuant, weight_qparams
+    from .ranges import activation_range
+
+    tensors = [t for t in quantized_tensors(pm.model) if t in stats]
+    ranges = {t: tuple(float(v) for v in activation_range(stats[t], default_activation)) for t in tensors}
+
+    def lowering(b: int) -> Callable[[], onnx.ModelProto]:
+        def build() -> onnx.ModelProto:
+            weights = {lay.weight: weight_qparams(pm.weight(lay), WeightQuant(b, PerChannel(lay.channel_axis))) for lay in pm.layers}
+            return lower(pm.model, LoweringSpec(weights=weights, ranges=ranges))
+        return build
+
+    lowerings = {f"int{b}": lowering(b) for b in sorted(set(bits) - {32}, reverse=True)}
+    fixed = getattr(pm, "fixed_batch", None)
+    return measure_table(pm.model, lowerings, [lay.name for lay in pm.layers], tuple(pm.input_shape[1:]),
+                         batch=fixed or batch, runs=runs, cache=cache)

@@ -38,7 +38,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import OptionError
 
-__all__ = ["NBits", "to_nbits_form", "REWRITES", "pack_int4"]
+__all__ = ["REWRITES", "NBits", "pack_int4", "to_nbits_form"]
 
 _INT4 = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 

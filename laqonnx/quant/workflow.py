@@ -28,9 +28,9 @@ from ..errors import DataError, OptionError, PlanError
 from ..graph import PreparedModel, load_model
 from ..vocab import Baseline
 from .adversarial import FromData, Generated, Off
-from .costs import AvgBits, MaxBytes
+from .costs import AvgBits, MaxBytes, MaxLatency, parse_max_latency
 from .guard import OrtRunner, logits_view
-from .latency_check import LatencyCheck, check_latency, slower_note
+from .latency_check import LatencyCheck, budget_note, check_latency, slower_note
 from .lower import drop_unused_initializers, lower, ort_baseline, quantized_tensors
 from .metric import CandidateSpace
 from .numerics import PerChannel, PerTensor
@@ -140,7 +140,7 @@ def _agreement_note(agreement: float | None, what: str) -> list[str]:
 
 def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, protect: list, x: np.ndarray | None,
            baseline: str | None, per_channel: bool, warnings: list[str], timings: dict[str, float],
-           latency_check: bool = False) -> QuantizeResult:
+           latency_check: bool = False, latency_budget: MaxLatency | None = None) -> QuantizeResult:
     t = time.perf_counter()
     drop_unused_initializers(qmodel)
     agreement = _check(pm, qmodel, x, "quantized model")
@@ -162,11 +162,12 @@ def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, pr
         warnings.append(f"{INT4_NOTE} ({len(int4)} int4 Conv layer(s): {', '.join(int4)})")
     timings["check"] = time.perf_counter() - t
     latency = None
-    if latency_check:
+    if latency_check or latency_budget is not None:
         t = time.perf_counter()
-        latency = check_latency(pm.model, qmodel, pm.input_shape[1:])
-        note = slower_note(latency)
-        if note is not None:
+        batch = 1 if latency_budget is None else latency_budget.batch
+        latency = check_latency(pm.model, qmodel, pm.input_shape[1:], batch=getattr(pm, "fixed_batch", None) or batch)
+        notes = [slower_note(latency), None if latency_budget is None else budget_note(latency, latency_budget)]
+        for note in (n for n in notes if n is not None):
             warnings.append(note)
             plan = dataclasses.replace(plan, warnings=tuple(dict.fromkeys([*plan.warnings, note])))
         timings["latency"] = time.perf_counter() - t
@@ -312,6 +313,9 @@ def quantize(
     progress: bool = True,
     candidates: CandidateSpace | None = None,
     latency_check: bool = False,
+    max_latency: str | MaxLatency | None = None,
+    latency_batch: int = 1,
+    latency_table: Any = None,
 ) -> QuantizeResult:
     """Quantize ``model`` (a path or ``onnx.ModelProto``) to a QDQ model at ``output``.
 
@@ -325,12 +329,18 @@ def quantize(
     uniform rule and keep the best measured. ``rounding``: ``auto`` (default: adaptive rounding
     is a candidate of the int4 per-channel MSE settings), ``nearest`` or ``adaptive`` (forced on
     every layer). ``latency_check``: after writing, time the float and the written model (batch 1,
-    interleaved, < 1 s on small models) and warn if the quantized one is slower. See
+    interleaved, < 1 s on small models) and warn if the quantized one is slower. ``max_latency``:
+    a latency budget, ``"0.7x"`` (of the float model) or ``"3.5ms"`` or a :class:`MaxLatency`, at
+    ``latency_batch``, solved over per-layer costs measured by onnxruntime's profiler (cached;
+    ``latency_table`` to give them); the written model is then measured against it. See
     :mod:`laqonnx.quant.metric` for the metric.
     """
-    if avg_weight_bits is not None and max_bytes is not None:
-        raise OptionError("give at most one budget: avg_weight_bits or max_bytes")
-    budget = AvgBits(avg_weight_bits) if avg_weight_bits is not None else MaxBytes(max_bytes) if max_bytes is not None else None
+    if sum(b is not None for b in (avg_weight_bits, max_bytes, max_latency)) > 1:
+        raise OptionError("give at most one budget: avg_weight_bits, max_bytes or max_latency")
+    if isinstance(max_latency, str):
+        max_latency = parse_max_latency(max_latency, latency_batch)
+    budget = (AvgBits(avg_weight_bits) if avg_weight_bits is not None else MaxBytes(max_bytes) if max_bytes is not None
+              else max_latency)
     if plan is not None:
         if budget is not None:
             raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
@@ -347,13 +357,14 @@ def quantize(
     space = candidates or CandidateSpace(allow_float=allow_float)
     if per_channel is not None:
         space = dataclasses.replace(space, granularities=(PerChannel(),) if per_channel else (PerTensor(),))
-    if allow_float and not space.allow_float:
-        space = dataclasses.replace(space, allow_float=True)
+    if (allow_float or isinstance(budget, MaxLatency)) and not space.allow_float:
+        space = dataclasses.replace(space, allow_float=True)  # under a latency budget float is a fallback, often the fastest
     if rounding is not None:
         space = dataclasses.replace(space, rounding=rounding)
     options = QuantizeOptions(eps=float(eps), norm=str(norm), objective=objective, budget=budget,
                               adversarial=_adversarial(adversarial_calib), candidates=space, input_range=input_range,
-                              calib_limit=calib_limit, metric_examples=metric_examples, guard=guard)
+                              calib_limit=calib_limit, metric_examples=metric_examples, guard=guard,
+                              latency_table=latency_table)
     t0 = time.perf_counter()
     protect = [None if isinstance(model, onnx.ModelProto) else model]
     out = check_output_path(output, *protect)
@@ -368,6 +379,6 @@ def quantize(
     timings.update(planned.timings)
     x = planned.calibration.data.clean
     result = _write(pm, planned.plan, planned.lowered, out, protect, x, baseline, bool(per_channel), list(planned.plan.warnings),
-                    timings, latency_check)
+                    timings, latency_check, budget if isinstance(budget, MaxLatency) else None)
     timings["total"] = time.perf_counter() - t0
     return result
