@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..vocab import ActivationMethod, Baseline, Objective, RoundingMode, ThreatNorm, WeightMethod
-from ._common import parse_fraction, parse_positive_fraction, parse_positive_int, parse_range, parse_shape, parse_subset
+from ._common import (parse_fraction, parse_max_latency, parse_positive_fraction, parse_positive_int, parse_range, parse_shape,
+                      parse_subset)
 
 __all__ = ["add_parser"]
 
@@ -52,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--avg-weight-bits", type=parse_positive_fraction, metavar="B",
                    help="budget: parameter-weighted average weight bits (mixes int8/int4)")
     p.add_argument("--max-bytes", type=parse_positive_int, metavar="N", help="budget: model bytes (from initializer sizes)")
-    p.add_argument("--max-latency", metavar="0.7x|3.5ms",
+    p.add_argument("--max-latency", type=parse_max_latency, metavar="0.7x|3.5ms",
                    help="budget: latency on this CPU, relative to the float model (0.7x) or absolute (3.5ms), over per-layer "
                         "costs measured by onnxruntime's profiler (cached); the written model is measured against it")
     p.add_argument("--latency-batch", type=parse_positive_int, default=1, metavar="N",
