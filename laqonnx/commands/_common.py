@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from fractions import Fraction
 
 __all__ = ["parse_fraction", "parse_positive_fraction", "parse_positive_int", "parse_shape", "parse_floats", "parse_range",
-           "parse_subset"]
+           "parse_subset", "parse_max_latency"]
 
 
 def parse_fraction(text: str) -> float:
@@ -53,6 +53,19 @@ def parse_positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive integer")
     return value
+
+
+def parse_max_latency(text: str) -> str:
+    """A latency budget: ``0.7x`` (relative to the float model) or ``3.5ms``; returned as written
+    (its batch size comes from ``--latency-batch``)."""
+    from ..errors import OptionError
+    from ..quant.costs import parse_max_latency as parse
+
+    try:
+        parse(text)
+    except OptionError:
+        raise argparse.ArgumentTypeError(f"invalid latency {text!r}: write 0.7x (relative to the float model) or 3.5ms") from None
+    return str(text).strip()
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..vocab import ActivationMethod, Baseline, Objective, RoundingMode, ThreatNorm, WeightMethod
-from ._common import parse_fraction, parse_positive_fraction, parse_positive_int, parse_range, parse_shape, parse_subset
+from ._common import (parse_fraction, parse_max_latency, parse_positive_fraction, parse_positive_int, parse_range, parse_shape,
+                      parse_subset)
 
 __all__ = ["add_parser"]
 
@@ -52,6 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--avg-weight-bits", type=parse_positive_fraction, metavar="B",
                    help="budget: parameter-weighted average weight bits (mixes int8/int4)")
     p.add_argument("--max-bytes", type=parse_positive_int, metavar="N", help="budget: model bytes (from initializer sizes)")
+    p.add_argument("--max-latency", type=parse_max_latency, metavar="0.7x|3.5ms",
+                   help="budget: latency on this CPU, relative to the float model (0.7x) or absolute (3.5ms), over per-layer "
+                        "costs measured by onnxruntime's profiler (cached); the written model is measured against it")
+    p.add_argument("--latency-batch", type=parse_positive_int, default=1, metavar="N",
+                   help="batch size of --max-latency (default 1)")
     adv = p.add_mutually_exclusive_group()
     adv.add_argument("--adversarial-calib", nargs="?", const=True, default=None, metavar="NPZ",
                      help="alone: PGD examples at --eps on the float model (the default when eps > 0); with a path: "
@@ -83,6 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-float", action="store_true", help="with a budget, allow leaving layers in float")
     p.add_argument("--no-guard", action="store_true",
                    help="write the objective's own choice without comparing it with the alternatives")
+    p.add_argument("--no-latency-check", action="store_true",
+                   help="skip timing the float and the written model after writing (batch 1, < 1 s on small models; "
+                        "a quantized model slower than float gets a note)")
     p.add_argument("--json", metavar="OUT.json", help="write the result summary as JSON")
     p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
@@ -116,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         output_name=args.output_name, input_range=args.input_range, calib_limit=args.calib_limit,
         allow_float=args.allow_float, guard=not args.no_guard, metric_examples=args.metric_examples,
         rounding=args.rounding, progress=not args.no_progress, candidates=candidates,
+        latency_check=not args.no_latency_check, max_latency=args.max_latency, latency_batch=args.latency_batch,
     )
     plan = result.plan
     ranges = plan.range_map()
@@ -141,6 +151,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"average weight bits {result.avg_weight_bits:.3g}; size {format_bytes(result.size_bytes)} "
           f"(float {format_bytes(result.float_size_bytes)}); top-1 agreement with float {agree}; "
           f"{result.timings.get('total', 0.0):.1f} s")
+    if result.latency is not None:
+        print(f"latency at batch 1 (interleaved medians): quantized {result.latency.quantized_ms:.3g} ms, "
+              f"float {result.latency.float_ms:.3g} ms ({result.latency.ratio:.2f}x)")
     for w in result.warnings:
         print(f"note: {w}", file=sys.stderr)
     print(f"wrote {result.output}")

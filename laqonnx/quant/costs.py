@@ -1,8 +1,10 @@
 """Budgets, the cost model and the choice under a budget.
 
 A budget is a type: :class:`AvgBits` (parameter-weighted average weight bits over the weighted
-layers, float counted as 32) or :class:`MaxBytes` (the model's constants in bytes: quantized
-weights with their scales and zero points, plus every other initializer as it is). The choice is
+layers, float counted as 32), :class:`MaxBytes` (the model's constants in bytes: quantized
+weights with their scales and zero points, plus every other initializer as it is) or
+:class:`MaxLatency` (milliseconds, or a fraction of the float model's latency, over a
+:class:`~laqonnx.quant.latency_costs.LatencyTable` of measured per-layer costs, in 0.1 us units). The choice is
 one knapsack group per activation source tensor (the layers reading it share one activation QDQ): an option is an
 activation setting of the tensor plus one weight setting per layer that reads it, valued at the
 activation's metric plus the weights' metrics; each layer's weight settings are Pareto-pruned
@@ -23,7 +25,7 @@ from .metric import LayerTerms, Scored, WeightScore
 from .numerics import PerChannel
 from .select import Group, Option, select
 
-__all__ = ["AvgBits", "MaxBytes", "Budget", "Choice", "choose", "weight_bytes"]
+__all__ = ["AvgBits", "MaxBytes", "MaxLatency", "parse_max_latency", "Budget", "LATENCY_UNITS_PER_MS", "Choice", "choose", "weight_bytes"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,48 @@ class MaxBytes:
             raise OptionError(f"max_bytes must be a positive int, got {self.bytes!r}")
 
 
-Budget = AvgBits | MaxBytes
+@dataclass(frozen=True)
+class MaxLatency:
+    """At most ``ms`` milliseconds, or ``relative`` times the float model's latency (exactly one), as
+    the sum of measured per-layer costs (batch ``batch``)."""
+
+    ms: float | None = None
+    relative: float | None = None
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.ms is None) == (self.relative is None):
+            raise OptionError("MaxLatency takes exactly one of ms= or relative=")
+        v = self.ms if self.ms is not None else self.relative
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise OptionError(f"max latency must be a number > 0, got {v!r}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise OptionError(f"latency batch must be a positive int, got {self.batch!r}")
+
+    def limit_ms(self, float_ms: float) -> float:
+        return float(self.ms) if self.ms is not None else float(self.relative) * float_ms
+
+    def describe(self) -> str:
+        return f"{self.ms:g} ms" if self.ms is not None else f"{self.relative:g}x the float model"
+
+
+def parse_max_latency(text: str, batch: int = 1) -> MaxLatency:
+    """``0.7x`` (relative to the float model) or ``3.5ms`` (absolute)."""
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("ms"):
+            return MaxLatency(ms=float(t[:-2]), batch=batch)
+        if t.endswith("x"):
+            return MaxLatency(relative=float(t[:-1]), batch=batch)
+    except ValueError:
+        pass
+    raise OptionError(f"--max-latency takes 0.7x (relative to the float model) or 3.5ms, got {text!r}")
+
+
+LATENCY_UNITS_PER_MS = 10_000  # knapsack costs in 0.1 us
+
+
+Budget = AvgBits | MaxBytes | MaxLatency
 
 
 @dataclass(frozen=True)
@@ -92,7 +135,24 @@ def _groups(scored: Scored, cost_of) -> tuple[list[Group], list[tuple[str, list[
     return groups, members
 
 
-def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None):
+def _latency_budget(budget: MaxLatency, latency):
+    if latency is None:
+        raise OptionError("a MaxLatency budget needs a latency table (measured per-layer costs)")
+
+    def cost_latency(lt: LayerTerms, s: WeightScore) -> int:
+        return round(latency.cost_ms(lt.layer.name, s.setting) * LATENCY_UNITS_PER_MS)
+
+    fixed = round(latency.rest_ms * LATENCY_UNITS_PER_MS)
+    limit = int(math.floor(budget.limit_ms(latency.float_ms) * LATENCY_UNITS_PER_MS)) - fixed
+    if limit < 0:
+        raise PlanError(f"--max-latency {budget.describe()} is below the latency of the model outside its layers "
+                        f"({latency.rest_ms:.4g} ms)")
+    return cost_latency, limit, "x 0.1 us of latency", fixed
+
+
+def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None, latency=None):
+    if isinstance(budget, MaxLatency):
+        return _latency_budget(budget, latency)
     total = sum(int(np.prod(lt.layer.weight_shape)) for lt in scored.layers)
     if budget is None or isinstance(budget, AvgBits):
 
@@ -119,9 +179,10 @@ def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None):
     return cost_bytes, budget.bytes - fixed, "bytes of weights", fixed
 
 
-def choose(scored: Scored, pm: PreparedModel, budget: Budget | None = None) -> Choice:
-    """The settings minimising the summed metric, within ``budget`` (exact; PlanError if infeasible)."""
-    cost_of, limit, unit, fixed = _budget(scored, pm, budget)
+def choose(scored: Scored, pm: PreparedModel, budget: Budget | None = None, latency=None) -> Choice:
+    """The settings minimising the summed metric, within ``budget`` (exact; PlanError if infeasible).
+    ``latency``: the :class:`~laqonnx.quant.latency_costs.LatencyTable` a :class:`MaxLatency` budget is solved over."""
+    cost_of, limit, unit, fixed = _budget(scored, pm, budget, latency)
     groups, members = _groups(scored, cost_of)
     try:
         sel = select(groups, limit, unit=unit)
@@ -133,6 +194,9 @@ def choose(scored: Scored, pm: PreparedModel, budget: Budget | None = None) -> C
                 f"--avg-weight-bits {budget.bits:g} is infeasible: the minimum achievable with these candidates "
                 f"is {floor / total:.4g} bits"
             ) from exc
+        if isinstance(budget, MaxLatency):
+            raise PlanError(f"--max-latency {budget.describe()} is infeasible: the fastest plan with these candidates "
+                            f"takes about {(floor + fixed) / LATENCY_UNITS_PER_MS:.4g} ms") from exc
         if isinstance(budget, MaxBytes):
             raise PlanError(f"--max-bytes {budget.bytes} is infeasible: the minimum achievable is about {floor + fixed} bytes") from exc
         raise

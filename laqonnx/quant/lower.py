@@ -12,7 +12,9 @@ We drive :class:`onnxruntime.quantization.QDQQuantizer` (exported by
   same reason;
 * layers left in float are ``nodes_to_exclude``;
 * int4 weights or 16-bit activations need opset 21: the model is converted with
-  ``onnx.version_converter`` first.
+  ``onnx.version_converter`` first;
+* int4 MatMul/Gemm weights are then rewritten into the form onnxruntime fuses into its
+  ``MatMulNBits`` kernel (:mod:`.nbits`; ``LoweringSpec.nbits=None`` keeps the quantizer's layout).
 
 The graph layout (which tensors get a QDQ pair, Relu removal, bias quantization to int32) is
 onnxruntime's, so onnxruntime fuses the result into its int8 kernels. :func:`ort_baseline` runs the
@@ -32,6 +34,7 @@ import onnx
 
 from ..errors import ModelError, OptionError
 from ..vocab import Baseline
+from .nbits import NBits, to_nbits_form
 from .numerics import ActivationQuant, QParams
 
 __all__ = [
@@ -66,6 +69,8 @@ class LoweringSpec:
     (e.g. 16-bit). ``exclude``: node names left in float. ``values``: initializer name -> float
     values written in place of the weight before quantizing (adaptive rounding: the dequantized
     learned integers, which the quantizer's own rounding with the planned scale gives back exactly).
+    ``nbits``: how int4 MatMul/Gemm weights are written for onnxruntime's MatMulNBits fusion (None: as
+    the quantizer writes them, unfused).
     """
 
     weights: Mapping[str, QParams]
@@ -74,6 +79,7 @@ class LoweringSpec:
     default: ActivationQuant = field(default_factory=ActivationQuant)
     exclude: tuple[str, ...] = ()
     values: Mapping[str, np.ndarray] = field(default_factory=dict)
+    nbits: NBits | None = field(default_factory=NBits)
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in self.ranges.items():
@@ -201,6 +207,12 @@ def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
     if low_bits and _opset(work) < QDQ_OPSET_FOR_LOW_BITS:
         work = _to_opset(work, QDQ_OPSET_FOR_LOW_BITS)
 
+    int4 = {name for name, qp in spec.weights.items() if qp.bits == 4}
+    floats = {}
+    if int4 and spec.nbits is not None:
+        from onnx import numpy_helper
+
+        floats = {i.name: numpy_helper.to_array(i) for i in work.graph.initializer if i.name in int4}
     overrides: dict[str, list[dict]] = {name: _weight_override(qp) for name, qp in spec.weights.items()}
     for name, act in spec.activations.items():
         if act != spec.default:
@@ -238,6 +250,8 @@ def lower(model: onnx.ModelProto, spec: LoweringSpec) -> onnx.ModelProto:
     quantizer.model.topological_sort()  # what quantize_static does when it saves; keeps onnx.checker happy
     out = quantizer.model.model
     out.producer_name = "laqonnx"
+    if int4 and spec.nbits is not None:
+        to_nbits_form(out, floats, spec.nbits)
     drop_unused_initializers(out)
     return out
 

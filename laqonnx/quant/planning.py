@@ -26,7 +26,8 @@ from ..graph import PreparedModel
 from ..vocab import Objective
 from .adversarial import AdversarialCalib, Generated, Off
 from .calibration import Calibration, calibrate
-from .costs import AvgBits, Budget, Choice, MaxBytes, choose, weight_bytes
+from .costs import AvgBits, Budget, Choice, MaxBytes, MaxLatency, choose, weight_bytes
+from .latency_costs import LatencyTable, table_for
 from .guard import guard, uniform_choice
 from .lower import LoweringSpec, lower, quantized_tensors
 from .metric import Candidate, CandidateSpace, ObjectiveConfig, Scored
@@ -57,11 +58,12 @@ class QuantizeOptions:
     adversarial_weight: float = 1.0
     guard: bool = True
     seed: int = 0
+    latency_table: LatencyTable | None = None  # per-layer costs for a MaxLatency budget (None: measured, cached)
 
     def __post_init__(self) -> None:
         self.objective_config()  # validates eps, norm, objective, weights, examples
-        if self.budget is not None and not isinstance(self.budget, (AvgBits, MaxBytes)):
-            raise OptionError(f"budget must be AvgBits(bits), MaxBytes(bytes) or None, got {self.budget!r}")
+        if self.budget is not None and not isinstance(self.budget, (AvgBits, MaxBytes, MaxLatency)):
+            raise OptionError(f"budget must be AvgBits(bits), MaxBytes(bytes), MaxLatency(ms|relative) or None, got {self.budget!r}")
         if self.input_range is not None:
             lo, hi = (float(v) for v in self.input_range)
             if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
@@ -191,7 +193,11 @@ def _adaptive_integers(pm: PreparedModel, plan: Plan, lp: LayerPlan, qp) -> np.n
     return q.astype(qp.storage_dtype)
 
 
-def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None):
+def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None, latency: LatencyTable | None = None):
+    if isinstance(budget, MaxLatency):
+        by = {lt.layer.name: lt for lt in scored.layers}
+        limit = budget.limit_ms(latency.float_ms)
+        return lambda weights: latency.total_ms({n: by[n].scores[k].setting for n, k in weights.items()}) <= limit
     params = {lt.layer.name: int(np.prod(lt.layer.weight_shape)) for lt in scored.layers}
     total = sum(params.values())
     by_name = {lt.layer.name: lt for lt in scored.layers}
@@ -256,14 +262,20 @@ def plan_model(
                           sources=sources, progress=progress)
     timings["score"] = time.perf_counter() - t
 
+    table = None
+    if isinstance(options.budget, MaxLatency):
+        t = time.perf_counter()
+        table = options.latency_table or table_for(pm, calibration.stats, bits, space.default_activation,
+                                                   batch=options.budget.batch)
+        timings["latency_costs"] = time.perf_counter() - t
     t = time.perf_counter()
-    choices: dict[str, Choice] = {config.objective: choose(scored, pm, options.budget)}
+    choices: dict[str, Choice] = {config.objective: choose(scored, pm, options.budget, table)}
     if options.guard:
         for other in (Objective.LAQ, Objective.MSE, Objective.LIPSCHITZ):
             name = str(other)
             if name not in choices and (scored.adversarial or name == Objective.MSE):
-                choices[name] = choose(scored.rescored(config, name), pm, options.budget)
-        uniform = uniform_choice(scored, _fits(scored, pm, options.budget))
+                choices[name] = choose(scored.rescored(config, name), pm, options.budget, table)
+        uniform = uniform_choice(scored, _fits(scored, pm, options.budget, table))
         if uniform is not None:
             choices["uniform"] = Choice(uniform[0], uniform[1], 0, 0.0)
     timings["select"] = time.perf_counter() - t
@@ -310,5 +322,10 @@ def plan_model(
     if result is not None and kept != config.objective:
         notes.append(f"the guard kept the {kept} plan: its measured calibration loss {result.losses[kept]:.4g} is below "
                      f"the {config.objective} plan's {result.losses[config.objective]:.4g}")
+    if table is not None:
+        est = table.total_ms({lp.name: lp.chosen.weight for lp in plan.layers})
+        notes.append(f"latency budget {options.budget.describe()} ({options.budget.limit_ms(table.float_ms):.3g} ms): the plan's "
+                     f"estimate {est:.3g} ms from per-layer costs measured on this CPU (float {table.float_ms:.3g} ms, "
+                     f"batch {table.batch}, onnxruntime's profiler)")
     plan = dataclasses.replace(plan, guard=result, warnings=tuple(dict.fromkeys([*plan.warnings, *notes])))
     return Planned(plan, pm, calibration, lowered, qps, scored, timings, tuple(notes))

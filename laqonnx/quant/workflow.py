@@ -28,8 +28,9 @@ from ..errors import DataError, OptionError, PlanError
 from ..graph import PreparedModel, load_model
 from ..vocab import Baseline
 from .adversarial import FromData, Generated, Off
-from .costs import AvgBits, MaxBytes
+from .costs import AvgBits, MaxBytes, MaxLatency, parse_max_latency
 from .guard import OrtRunner, logits_view
+from .latency_check import LatencyCheck, budget_note, check_latency, slower_note
 from .lower import drop_unused_initializers, lower, ort_baseline, quantized_tensors
 from .metric import CandidateSpace
 from .numerics import PerChannel, PerTensor
@@ -41,7 +42,8 @@ __all__ = ["quantize", "plan_model", "apply_plan", "QuantizeResult", "QuantizeOp
            "AGREEMENT_WARNING"]
 
 INT4_NOTE = (
-    "int4 weights are not fused into onnxruntime's int8 CPU kernels: int4 layers run ~4x slower than int8"
+    "int4 Conv weights are not fused by onnxruntime's CPU provider: int4 Conv layers run ~4x slower than int8 "
+    "(int4 MatMul/Gemm layers are written for its fused MatMulNBits kernel)"
 )
 AGREEMENT_WARNING = 0.9  # below this top-1 agreement with the float model, the result warns loudly
 _CHECK_EXAMPLES = 256
@@ -62,6 +64,7 @@ class QuantizeResult:
     baseline_output: Path | None = None
     baseline_agreement: float | None = None
     warnings: tuple[str, ...] = ()
+    latency: LatencyCheck | None = None  # batch-1 float vs written model, with latency_check
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +79,7 @@ class QuantizeResult:
             "guard": None if self.plan.guard is None else self.plan.guard.to_json(),
             "timings": dict(self.timings),
             "warnings": list(self.warnings),
+            "latency": None if self.latency is None else self.latency.to_json(),
             "layers": [
                 {"name": lp.name, "weight": lp.chosen.describe()[0], "activation": lp.chosen.describe()[1]}
                 for lp in self.plan.layers
@@ -135,7 +139,8 @@ def _agreement_note(agreement: float | None, what: str) -> list[str]:
 
 
 def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, protect: list, x: np.ndarray | None,
-           baseline: str | None, per_channel: bool, warnings: list[str], timings: dict[str, float]) -> QuantizeResult:
+           baseline: str | None, per_channel: bool, warnings: list[str], timings: dict[str, float],
+           latency_check: bool = False, latency_budget: MaxLatency | None = None) -> QuantizeResult:
     t = time.perf_counter()
     drop_unused_initializers(qmodel)
     agreement = _check(pm, qmodel, x, "quantized model")
@@ -151,10 +156,21 @@ def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, pr
         drop_unused_initializers(base_model)
         base_agreement = _check(pm, base_model, x, f"onnxruntime {baseline} model")
         warnings += _agreement_note(base_agreement, f"onnxruntime {baseline} model")
-    int4 = [lp.name for lp in plan.layers if lp.chosen.weight is not None and lp.chosen.weight.bits == 4]
+    int4 = [lp.name for lp in plan.layers if lp.chosen.weight is not None and lp.chosen.weight.bits == 4
+            and lp.op_type not in ("MatMul", "Gemm")]
     if int4:
-        warnings.append(f"{INT4_NOTE} ({len(int4)} int4 layer(s): {', '.join(int4)})")
+        warnings.append(f"{INT4_NOTE} ({len(int4)} int4 Conv layer(s): {', '.join(int4)})")
     timings["check"] = time.perf_counter() - t
+    latency = None
+    if latency_check or latency_budget is not None:
+        t = time.perf_counter()
+        batch = 1 if latency_budget is None else latency_budget.batch
+        latency = check_latency(pm.model, qmodel, pm.input_shape[1:], batch=getattr(pm, "fixed_batch", None) or batch)
+        notes = [slower_note(latency), None if latency_budget is None else budget_note(latency, latency_budget)]
+        for note in (n for n in notes if n is not None):
+            warnings.append(note)
+            plan = dataclasses.replace(plan, warnings=tuple(dict.fromkeys([*plan.warnings, note])))
+        timings["latency"] = time.perf_counter() - t
     t = time.perf_counter()
     plan_out = plan_path_for(out)
     rounding_out = None
@@ -176,7 +192,7 @@ def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, pr
     return QuantizeResult(
         output=out, plan_path=plan_out, plan=plan, avg_weight_bits=plan.avg_bits, size_bytes=out.stat().st_size,
         float_size_bytes=pm.model.ByteSize(), agreement=agreement, timings=timings, baseline_output=base_out,
-        baseline_agreement=base_agreement, warnings=tuple(dict.fromkeys(warnings)),
+        baseline_agreement=base_agreement, warnings=tuple(dict.fromkeys(warnings)), latency=latency,
     )
 
 
@@ -193,6 +209,7 @@ def apply_plan(
     baseline: str | None = None,
     per_channel: bool = False,
     progress: bool = True,
+    latency_check: bool = False,
 ) -> QuantizeResult:
     """Lower a (possibly edited) plan for ``model`` and write it (see the module doc). With ``calib``
     the activation ranges are recomputed from it with each tensor's setting, else the plan's stored
@@ -243,7 +260,7 @@ def apply_plan(
     the_plan, spec = lowering_spec(pm, the_plan)
     qmodel = lower(pm.model, spec)
     timings["lower"] = time.perf_counter() - t
-    result = _write(pm, the_plan, qmodel, out, protect, x, baseline, per_channel, warnings, timings)
+    result = _write(pm, the_plan, qmodel, out, protect, x, baseline, per_channel, warnings, timings, latency_check)
     timings["total"] = time.perf_counter() - t0
     return result
 
@@ -295,6 +312,10 @@ def quantize(
     rounding: str | None = None,
     progress: bool = True,
     candidates: CandidateSpace | None = None,
+    latency_check: bool = False,
+    max_latency: str | MaxLatency | None = None,
+    latency_batch: int = 1,
+    latency_table: Any = None,
 ) -> QuantizeResult:
     """Quantize ``model`` (a path or ``onnx.ModelProto``) to a QDQ model at ``output``.
 
@@ -307,11 +328,19 @@ def quantize(
     edited) plan instead (see :func:`apply_plan`). ``guard``: compare with the ablations and the
     uniform rule and keep the best measured. ``rounding``: ``auto`` (default: adaptive rounding
     is a candidate of the int4 per-channel MSE settings), ``nearest`` or ``adaptive`` (forced on
-    every layer). See :mod:`laqonnx.quant.metric` for the metric.
+    every layer). ``latency_check``: after writing, time the float and the written model (batch 1,
+    interleaved, < 1 s on small models) and warn if the quantized one is slower. ``max_latency``:
+    a latency budget, ``"0.7x"`` (of the float model) or ``"3.5ms"`` or a :class:`MaxLatency`, at
+    ``latency_batch``, solved over per-layer costs measured by onnxruntime's profiler (cached;
+    ``latency_table`` to give them); the written model is then measured against it. See
+    :mod:`laqonnx.quant.metric` for the metric.
     """
-    if avg_weight_bits is not None and max_bytes is not None:
-        raise OptionError("give at most one budget: avg_weight_bits or max_bytes")
-    budget = AvgBits(avg_weight_bits) if avg_weight_bits is not None else MaxBytes(max_bytes) if max_bytes is not None else None
+    if sum(b is not None for b in (avg_weight_bits, max_bytes, max_latency)) > 1:
+        raise OptionError("give at most one budget: avg_weight_bits, max_bytes or max_latency")
+    if isinstance(max_latency, str):
+        max_latency = parse_max_latency(max_latency, latency_batch)
+    budget = (AvgBits(avg_weight_bits) if avg_weight_bits is not None else MaxBytes(max_bytes) if max_bytes is not None
+              else max_latency)
     if plan is not None:
         if budget is not None:
             raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
@@ -320,7 +349,7 @@ def quantize(
                             "apply when re-applying a plan (--plan): edit the plan's settings instead")
         return apply_plan(model, plan, output, calib, input_shape=input_shape, output_name=output_name,
                           input_range=input_range, calib_limit=calib_limit, baseline=baseline,
-                          per_channel=bool(per_channel), progress=progress)
+                          per_channel=bool(per_channel), progress=progress, latency_check=latency_check)
     if calib is None:
         raise DataError("calibration data is required (--calib), unless re-applying a plan with --plan")
     if baseline is not None:
@@ -328,13 +357,14 @@ def quantize(
     space = candidates or CandidateSpace(allow_float=allow_float)
     if per_channel is not None:
         space = dataclasses.replace(space, granularities=(PerChannel(),) if per_channel else (PerTensor(),))
-    if allow_float and not space.allow_float:
-        space = dataclasses.replace(space, allow_float=True)
+    if (allow_float or isinstance(budget, MaxLatency)) and not space.allow_float:
+        space = dataclasses.replace(space, allow_float=True)  # under a latency budget float is a fallback, often the fastest
     if rounding is not None:
         space = dataclasses.replace(space, rounding=rounding)
     options = QuantizeOptions(eps=float(eps), norm=str(norm), objective=objective, budget=budget,
                               adversarial=_adversarial(adversarial_calib), candidates=space, input_range=input_range,
-                              calib_limit=calib_limit, metric_examples=metric_examples, guard=guard)
+                              calib_limit=calib_limit, metric_examples=metric_examples, guard=guard,
+                              latency_table=latency_table)
     t0 = time.perf_counter()
     protect = [None if isinstance(model, onnx.ModelProto) else model]
     out = check_output_path(output, *protect)
@@ -349,6 +379,6 @@ def quantize(
     timings.update(planned.timings)
     x = planned.calibration.data.clean
     result = _write(pm, planned.plan, planned.lowered, out, protect, x, baseline, bool(per_channel), list(planned.plan.warnings),
-                    timings)
+                    timings, latency_check, budget if isinstance(budget, MaxLatency) else None)
     timings["total"] = time.perf_counter() - t0
     return result

@@ -1,0 +1,238 @@
+"""Per-layer latency costs, measured on this CPU by onnxruntime's own per-node profiler.
+
+For each precision (``float``, ``int8``, ``int4``: every layer at that weight precision, lowered as
+:func:`laqonnx.quant.lower.lower` writes it, int4 MatMul/Gemm as MatMulNBits), the lowered model
+runs a few times with ``SessionOptions.enable_profiling``; each kernel's time is attributed to a
+layer: the layer's own (possibly fused: ``fused fc``) node, or the node named after it (``fc_bias``), else the
+layer a Quantize/Dequantize/Clip node feeds (or, failing that, the layer it reads from). What no
+layer claims is the rest of the graph, taken from the float model and held constant.
+
+The table is cached per model, CPU and batch size (``$LAQONNX_CACHE`` or ``~/.cache/laqonnx``), and
+is additive: a plan's latency is the rest plus each layer's cost at its precision. Interactions
+(a QDQ pair shared by an int8 and a float layer, memory effects) are not modelled: the written
+model's latency is measured after writing and reported next to the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import OptionError
+
+__all__ = ["LatencyTable", "attribute", "cache_path", "measure_table", "precision_key", "profile_nodes"]
+
+PRECISIONS = ("float", "int8", "int4")
+
+
+def precision_key(weight) -> str:
+    """``float`` (a layer left in float), else ``int<bits>``."""
+    return "float" if weight is None else f"int{weight.bits}"
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """``costs``: layer -> precision -> ms; ``rest_ms``: the graph outside the layers; ``float_ms``: the
+    float model's whole latency (the base of a relative budget)."""
+
+    costs: Mapping[str, Mapping[str, float]]
+    rest_ms: float
+    float_ms: float
+    batch: int = 1
+    source: str = field(default="measured", compare=False)
+
+    def __post_init__(self) -> None:
+        for name, per in self.costs.items():
+            for key, ms in per.items():
+                if not (np.isfinite(ms) and ms >= 0):
+                    raise OptionError(f"latency cost of {name} at {key} must be a finite ms >= 0, got {ms!r}")
+        if not (np.isfinite(self.float_ms) and self.float_ms > 0):
+            raise OptionError(f"float_ms must be > 0, got {self.float_ms!r}")
+
+    def cost_ms(self, layer: str, weight) -> float:
+        per = self.costs.get(layer)
+        if per is None:
+            raise OptionError(f"the latency table has no layer {layer!r}")
+        key = precision_key(weight)
+        if key not in per:
+            raise OptionError(f"the latency table has no {key} cost for layer {layer!r}")
+        return float(per[key])
+
+    def total_ms(self, weights: Mapping[str, object]) -> float:
+        """The additive estimate of a plan (layer -> its weight setting, None = float)."""
+        return self.rest_ms + sum(self.cost_ms(n, w) for n, w in weights.items())
+
+    def to_json(self) -> dict:
+        return {"costs": {k: dict(v) for k, v in self.costs.items()}, "rest_ms": self.rest_ms,
+                "float_ms": self.float_ms, "batch": self.batch}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> LatencyTable:
+        return cls({k: {p: float(ms) for p, ms in v.items()} for k, v in d["costs"].items()}, float(d["rest_ms"]),
+                   float(d["float_ms"]), int(d.get("batch", 1)), source="cache")
+
+
+def _input_feed(model: onnx.ModelProto, input_shape: Sequence[int], batch: int) -> dict[str, np.ndarray]:
+    name = model.graph.input[0].name
+    rng = np.random.default_rng(0)
+    return {name: rng.uniform(0, 1, (batch, *input_shape)).astype(np.float32)}
+
+
+def profile_nodes(model: onnx.ModelProto, input_shape: Sequence[int], *, batch: int = 1, runs: int = 20,
+                  warmup: int = 3) -> tuple[dict[str, float], onnx.ModelProto]:
+    """Mean kernel time per run (ms) of each node of ``model`` as onnxruntime optimizes and runs it,
+    and the optimized graph (to attribute the fused nodes)."""
+    import onnxruntime as ort
+
+    from ..latency import default_threads
+
+    with tempfile.TemporaryDirectory(prefix="laqonnx-profile-") as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = default_threads()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feed = _input_feed(model, input_shape, batch)
+        for _ in range(warmup):
+            sess.run(None, feed)
+        so2 = ort.SessionOptions()
+        so2.intra_op_num_threads = so.intra_op_num_threads
+        so2.log_severity_level = 3
+        so2.enable_profiling = True
+        so2.profile_file_prefix = str(Path(tmp) / "prof")
+        sess = ort.InferenceSession(model.SerializeToString(), so2, providers=["CPUExecutionProvider"])
+        for _ in range(warmup + runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        optimized = onnx.load(str(Path(tmp) / "opt.onnx"), load_external_data=False)
+    per: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            per.setdefault(e["name"][: -len("_kernel_time")], []).append(float(e["dur"]) / 1000.0)
+    # the first warmup runs of the profiled session are dropped: medians of the remaining ones, per node
+    return {k: float(np.median(v[warmup:] if len(v) > warmup else v)) for k, v in per.items()}, optimized
+
+
+_PLUMBING = {"QuantizeLinear", "DequantizeLinear", "Clip", "Sum", "Add", "Relu", "Flatten", "Reshape"}
+
+
+def attribute(times: Mapping[str, float], graph: onnx.ModelProto, layers: Sequence[str]) -> tuple[dict[str, float], float]:
+    """Layer -> its kernel time (ms), and the unclaimed rest (see the module doc)."""
+    names = sorted(layers, key=len, reverse=True)
+    nodes = {n.name: n for n in graph.graph.node}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
+    for n in graph.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+        for o in n.output:
+            producer[o] = n
+
+    def own(node_name: str) -> str | None:
+        base = node_name.removeprefix("fused ")  # onnxruntime's name for a node fused with its activation
+        return next((lay for lay in names if base == lay or base.startswith((lay + "_", lay + "/"))), None)
+
+    def walk(node: onnx.NodeProto | None, forward: bool, depth: int = 0) -> str | None:
+        if node is None or depth > 4:
+            return None
+        mine = own(node.name)
+        if mine is not None and depth:
+            return mine
+        nxt = [r for o in node.output for r in readers.get(o, [])] if forward else \
+              [producer[i] for i in node.input if i in producer]
+        for m in nxt:
+            found = own(m.name) if own(m.name) else (walk(m, forward, depth + 1) if m.op_type in _PLUMBING else None)
+            if found is not None:
+                return found
+        return None
+
+    out = {lay: 0.0 for lay in layers}
+    rest = 0.0
+    for node_name, ms in times.items():
+        lay = own(node_name)
+        if lay is None and node_name in nodes and nodes[node_name].op_type in _PLUMBING:
+            lay = walk(nodes[node_name], True) or walk(nodes[node_name], False)
+        if lay is None:
+            rest += ms
+        else:
+            out[lay] += ms
+    return out, rest
+
+
+def cache_path(model: onnx.ModelProto, batch: int, precisions: Sequence[str]) -> Path:
+    """Where the table of ``model`` on this CPU at ``batch`` is cached."""
+    import onnxruntime as ort
+
+    from ..latency import cpu_info, default_threads
+
+    h = hashlib.sha256(model.SerializeToString())
+    h.update(json.dumps([cpu_info().model_name, default_threads(), batch, list(precisions), ort.__version__]).encode())
+    root = Path(os.environ.get("LAQONNX_CACHE") or Path.home() / ".cache" / "laqonnx")
+    return root / "latency" / f"{h.hexdigest()[:24]}.json"
+
+
+def measure_table(float_model: onnx.ModelProto, lowerings: Mapping[str, Callable[[], onnx.ModelProto]],
+                  layers: Sequence[str], input_shape: Sequence[int], *, batch: int = 1, runs: int = 20,
+                  cache: bool = True) -> LatencyTable:
+    """The table over ``lowerings`` (precision -> a function writing the model with every layer at that
+    precision; ``float`` is the float model itself), cached (see the module doc)."""
+    precisions = ["float", *[p for p in lowerings if p != "float"]]
+    path = cache_path(float_model, batch, precisions) if cache else None
+    if path is not None and path.exists():
+        try:
+            table = LatencyTable.from_json(json.loads(path.read_text()))
+            if set(table.costs) == set(layers):
+                return table
+        except (ValueError, KeyError, OptionError):
+            pass
+    costs: dict[str, dict[str, float]] = {lay: {} for lay in layers}
+    times, graph = profile_nodes(float_model, input_shape, batch=batch, runs=runs)
+    per, rest = attribute(times, graph, layers)
+    float_ms = sum(times.values())
+    for lay, ms in per.items():
+        costs[lay]["float"] = ms
+    for key in precisions[1:]:
+        t, g = profile_nodes(lowerings[key](), input_shape, batch=batch, runs=runs)
+        for lay, ms in attribute(t, g, layers)[0].items():
+            costs[lay][key] = ms
+    table = LatencyTable(costs, rest, max(float_ms, 1e-6), batch)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(table.to_json()))
+        except OSError:
+            pass
+    return table
+
+
+def table_for(pm, stats: Mapping, bits: Sequence[int], default_activation, *, batch: int = 1,
+              runs: int = 20, cache: bool = True) -> LatencyTable:
+    """The table of a prepared model over the weight precisions in ``bits`` (8, 4; 32 = float, always
+    measured): every layer at one precision, per-channel max-abs weights, activation ranges from
+    the calibration ``stats`` with ``default_activation``."""
+    from .lower import LoweringSpec, lower, quantized_tensors
+    from .numerics import PerChannel, WeightQuant, weight_qparams
+    from .ranges import activation_range
+
+    tensors = [t for t in quantized_tensors(pm.model) if t in stats]
+    ranges = {t: tuple(float(v) for v in activation_range(stats[t], default_activation)) for t in tensors}
+
+    def lowering(b: int) -> Callable[[], onnx.ModelProto]:
+        def build() -> onnx.ModelProto:
+            weights = {lay.weight: weight_qparams(pm.weight(lay), WeightQuant(b, PerChannel(lay.channel_axis))) for lay in pm.layers}
+            return lower(pm.model, LoweringSpec(weights=weights, ranges=ranges))
+        return build
+
+    lowerings = {f"int{b}": lowering(b) for b in sorted(set(bits) - {32}, reverse=True)}
+    fixed = getattr(pm, "fixed_batch", None)
+    return measure_table(pm.model, lowerings, [lay.name for lay in pm.layers], tuple(pm.input_shape[1:]),
+                         batch=fixed or batch, runs=runs, cache=cache)
