@@ -184,7 +184,7 @@ def _explicit_norm(float_model: onnx.ModelProto, layer, w: np.ndarray) -> float:
     """Largest singular value of the layer's explicit matrix: onnxruntime applied to every basis input."""
     import onnxruntime as ort
 
-    if layer.op_type == "Gemm":
+    if layer.op_type in ("Gemm", "MatMul"):  # int4 Gemm weights are written as MatMul (MatMulNBits form)
         return float(np.linalg.svd(w.astype(np.float64), compute_uv=False)[0])
     node = next(n for n in float_model.graph.node if n.name == layer.name)
     conv = helper.make_node("Conv", ["x", "w"], ["y"], name="c")

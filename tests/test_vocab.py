@@ -107,7 +107,7 @@ def test_two_budgets_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert rc == 2
-    assert lines == ["laqonnx quantize: error: give at most one budget: avg_weight_bits or max_bytes"]
+    assert lines == ["laqonnx quantize: error: give at most one budget: avg_weight_bits, max_bytes or max_latency"]
     assert captured.out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     with pytest.raises(OptionError, match="at most one budget"):
