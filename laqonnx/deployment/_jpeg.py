@@ -40,7 +40,6 @@ import time: import it only after ``laqonnx.errors.require("onnxruntime_extensio
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
