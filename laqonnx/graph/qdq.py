@@ -6,7 +6,8 @@
   initializer ``(x - zero_point) * scale`` named like the node's output, computed by
   :func:`laqonnx.quant.numerics.dequantize` (int8/uint8/int4/uint4/int16/uint16, per-tensor or per-axis;
   opsets 13/19/21 and the com.microsoft contrib op). int32 tensors (biases) are dequantized
-  exactly in float32 as ONNX does; other forms (blocked, float8, non-float32 scale) stay as nodes,
+  exactly in float32 as ONNX does; blocked ones (opset 21 ``block_size``, as MatMulNBits-form int4
+  weights are written) exactly as ONNX defines them; other forms (float8, non-float32 scale) stay as nodes,
   and the reason is returned so a layer using them can say why it is skipped.
 * ``QuantizeLinear -> DequantizeLinear`` on an activation is removed (the DequantizeLinear's users
   read the QuantizeLinear's input): activation rounding is treated as identity.
@@ -60,8 +61,6 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 def _dequantize_constant(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, QParams | None] | str:
     """The dequantized value of a DequantizeLinear of initializers (and its qparams), or why not."""
-    if _attr(node, "block_size", 0):
-        return "blocked quantization (block_size) is not supported"
     x_t, s_t = inits[node.input[0]], inits[node.input[1]]
     if s_t.data_type != TensorProto.FLOAT:
         return f"scale of type {TensorProto.DataType.Name(s_t.data_type)} (only float32 is supported)"
@@ -69,6 +68,9 @@ def _dequantize_constant(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto
     scale = numpy_helper.to_array(s_t).astype(np.float32)
     has_zp = len(node.input) > 2 and node.input[2]
     zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64) if has_zp else np.zeros(scale.shape, np.int64)
+    block = _attr(node, "block_size", 0)
+    if block:
+        return _dequantize_blocked(x, scale, zp, block, _attr(node, "axis", 1), x_t.data_type)
     per_tensor = scale.ndim == 0 or (scale.ndim == 1 and scale.size == 1)  # as onnxruntime
     axis = None if per_tensor else _attr(node, "axis", 1)
     if per_tensor:
@@ -89,6 +91,24 @@ def _dequantize_constant(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto
         return dequantize(x, qp), qp
     except ValueError as exc:
         return str(exc)
+
+
+def _dequantize_blocked(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, block: int, axis: int,
+                       dtype: int) -> tuple[np.ndarray, None] | str:
+    """ONNX's blocked DequantizeLinear: ``scale`` and ``zp`` have ``x``'s shape but ``ceil(n / block)``
+    along ``axis``; element ``i`` on that axis uses block ``i // block``. No QParams describes it."""
+    if dtype not in _ELEMENT:
+        return f"element type {TensorProto.DataType.Name(dtype)} is not supported"
+    if block < 1 or not -x.ndim <= axis < x.ndim:
+        return f"block_size {block} on axis {axis} of a tensor of shape {x.shape}"
+    axis %= x.ndim
+    n = x.shape[axis]
+    want = tuple(-(-n // block) if d == axis else x.shape[d] for d in range(x.ndim))
+    if scale.shape != want or zp.shape != want:
+        return f"blocked scale of shape {scale.shape} (zero point {zp.shape}) for a tensor of shape {x.shape}, block {block}"
+    s = np.take(np.repeat(scale, block, axis=axis), np.arange(n), axis=axis)
+    z = np.take(np.repeat(zp, block, axis=axis), np.arange(n), axis=axis)
+    return ((x - z).astype(np.float32) * s).astype(np.float32), None
 
 
 def strip_qdq(graph: onnx.GraphProto, into: StrippedQDQ | None = None) -> StrippedQDQ:

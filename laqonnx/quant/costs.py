@@ -119,17 +119,30 @@ def _pareto(options: list[tuple[int, float, int]]) -> list[tuple[int, float, int
     return out
 
 
-def _groups(scored: Scored, cost_of) -> tuple[list[Group], list[tuple[str, list[str]]]]:
+def _groups(scored: Scored, cost_of, by_activation: bool = False) -> tuple[list[Group], list[tuple[str, list[str]]]]:
+    """One group per activation source tensor. ``cost_of(lt, score, activation)`` is a setting's cost
+    (None: not offered); with ``by_activation`` it depends on the tensor's activation setting (latency:
+    16-bit activations run unfused), so the weight fronts are built per activation setting."""
     by_input: dict[str, list[LayerTerms]] = {}
     for lt in scored.layers:
         by_input.setdefault(scored.source(lt.layer.input), []).append(lt)
     groups, members = [], []
     for tensor, terms in by_input.items():
-        fronts = [_pareto([(cost_of(lt, s), s.metric, k) for k, s in enumerate(lt.scores)]) for lt in terms]
-        combos: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
-        for front in fronts:
-            combos = [(c + fc, v + fv, key + (k,)) for c, v, key in combos for fc, fv, k in front]
-        options = [Option(c, a.metric + v, (ai, key)) for ai, a in enumerate(scored.tensors[tensor]) for c, v, key in combos]
+        acts = scored.tensors[tensor]
+        combos_by: dict[object, list[tuple[int, float, tuple[int, ...]]]] = {}
+        options = []
+        for ai, a in enumerate(acts):
+            key = a.setting if by_activation else None
+            if key not in combos_by:
+                fronts = []
+                for lt in terms:
+                    costed = [(cost_of(lt, s, key), s.metric, k) for k, s in enumerate(lt.scores)]
+                    fronts.append(_pareto([o for o in costed if o[0] is not None]))
+                combos: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+                for front in fronts:
+                    combos = [(c + fc, v + fv, key_ + (k,)) for c, v, key_ in combos for fc, fv, k in front]
+                combos_by[key] = combos
+            options.extend(Option(c, a.metric + v, (ai, key_)) for c, v, key_ in combos_by[key])
         groups.append(Group(tensor, tuple(options)))
         members.append((tensor, [lt.layer.name for lt in terms]))
     return groups, members
@@ -139,8 +152,11 @@ def _latency_budget(budget: MaxLatency, latency):
     if latency is None:
         raise OptionError("a MaxLatency budget needs a latency table (measured per-layer costs)")
 
-    def cost_latency(lt: LayerTerms, s: WeightScore) -> int:
-        return round(latency.cost_ms(lt.layer.name, s.setting) * LATENCY_UNITS_PER_MS)
+    def cost_latency(lt: LayerTerms, s: WeightScore, activation=None) -> int | None:
+        w = s.setting
+        if w is not None and w.bits == 4 and lt.layer.op_type == "Conv":
+            return None  # int4 Conv runs unfused on CPU: offered under a size budget only
+        return round(latency.cost_ms(lt.layer.name, w, activation) * LATENCY_UNITS_PER_MS)
 
     fixed = round(latency.rest_ms * LATENCY_UNITS_PER_MS)
     limit = int(math.floor(budget.limit_ms(latency.float_ms) * LATENCY_UNITS_PER_MS)) - fixed
@@ -156,7 +172,7 @@ def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None, latency=No
     total = sum(int(np.prod(lt.layer.weight_shape)) for lt in scored.layers)
     if budget is None or isinstance(budget, AvgBits):
 
-        def cost_of(lt: LayerTerms, s: WeightScore) -> int:
+        def cost_of(lt: LayerTerms, s: WeightScore, activation=None) -> int:
             return s.cost_bits
 
         limit = None if budget is None else int(math.floor(budget.bits * total))
@@ -168,7 +184,7 @@ def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None, latency=No
         if t.name not in layer_w
     )
 
-    def cost_bytes(lt: LayerTerms, s: WeightScore) -> int:
+    def cost_bytes(lt: LayerTerms, s: WeightScore, activation=None) -> int:
         w = s.setting
         params = int(np.prod(lt.layer.weight_shape))
         scales = lt.layer.weight_shape[lt.layer.channel_axis] if w is not None and isinstance(w.granularity, PerChannel) else 1
@@ -183,7 +199,7 @@ def choose(scored: Scored, pm: PreparedModel, budget: Budget | None = None, late
     """The settings minimising the summed metric, within ``budget`` (exact; PlanError if infeasible).
     ``latency``: the :class:`~laqonnx.quant.latency_costs.LatencyTable` a :class:`MaxLatency` budget is solved over."""
     cost_of, limit, unit, fixed = _budget(scored, pm, budget, latency)
-    groups, members = _groups(scored, cost_of)
+    groups, members = _groups(scored, cost_of, by_activation=isinstance(budget, MaxLatency))
     try:
         sel = select(groups, limit, unit=unit)
     except PlanError as exc:

@@ -1,7 +1,8 @@
 """Per-layer latency costs, measured on this CPU by onnxruntime's own per-node profiler.
 
 For each precision (``float``, ``int8``, ``int4``: every layer at that weight precision, lowered as
-:func:`laqonnx.quant.lower.lower` writes it, int4 MatMul/Gemm as MatMulNBits), the lowered model
+:func:`laqonnx.quant.lower.lower` writes it, int4 MatMul/Gemm as MatMulNBits; ``a16``: int8 weights behind
+16-bit input activations, which onnxruntime's CPU provider runs unfused), the lowered model
 runs a few times with ``SessionOptions.enable_profiling``; each kernel's time is attributed to a
 layer: the layer's own (possibly fused: ``fused fc``) node, or the node named after it (``fc_bias``), else the
 layer a Quantize/Dequantize/Clip node feeds (or, failing that, the layer it reads from). What no
@@ -30,12 +31,17 @@ from ..errors import OptionError
 
 __all__ = ["LatencyTable", "attribute", "cache_path", "measure_table", "precision_key", "profile_nodes"]
 
-PRECISIONS = ("float", "int8", "int4")
+PRECISIONS = ("float", "int8", "int4", "a16")
 
 
-def precision_key(weight) -> str:
-    """``float`` (a layer left in float), else ``int<bits>``."""
-    return "float" if weight is None else f"int{weight.bits}"
+def precision_key(weight, activation=None) -> str:
+    """``float`` (a layer left in float), ``a16`` (a quantized layer whose input activation is 16-bit:
+    unfused, whatever its weight bits), else ``int<weight bits>``."""
+    if weight is None:
+        return "float"
+    if activation is not None and activation.bits == 16:
+        return "a16"
+    return f"int{weight.bits}"
 
 
 @dataclass(frozen=True)
@@ -57,18 +63,21 @@ class LatencyTable:
         if not (np.isfinite(self.float_ms) and self.float_ms > 0):
             raise OptionError(f"float_ms must be > 0, got {self.float_ms!r}")
 
-    def cost_ms(self, layer: str, weight) -> float:
+    def cost_ms(self, layer: str, weight, activation=None) -> float:
+        """The layer's cost with ``weight`` (None = float) behind ``activation`` (None = 8-bit)."""
         per = self.costs.get(layer)
         if per is None:
             raise OptionError(f"the latency table has no layer {layer!r}")
-        key = precision_key(weight)
+        key = precision_key(weight, activation)
         if key not in per:
             raise OptionError(f"the latency table has no {key} cost for layer {layer!r}")
         return float(per[key])
 
-    def total_ms(self, weights: Mapping[str, object]) -> float:
-        """The additive estimate of a plan (layer -> its weight setting, None = float)."""
-        return self.rest_ms + sum(self.cost_ms(n, w) for n, w in weights.items())
+    def total_ms(self, weights: Mapping[str, object], activations: Mapping[str, object] | None = None) -> float:
+        """The additive estimate of a plan (layer -> its weight setting, None = float; ``activations``:
+        layer -> its input activation setting, 8-bit where absent)."""
+        acts = activations or {}
+        return self.rest_ms + sum(self.cost_ms(n, w, acts.get(n)) for n, w in weights.items())
 
     def to_json(self) -> dict:
         return {"costs": {k: dict(v) for k, v in self.costs.items()}, "rest_ms": self.rest_ms,
@@ -215,10 +224,13 @@ def measure_table(float_model: onnx.ModelProto, lowerings: Mapping[str, Callable
 
 
 def table_for(pm, stats: Mapping, bits: Sequence[int], default_activation, *, batch: int = 1,
-              runs: int = 20, cache: bool = True) -> LatencyTable:
+              runs: int = 20, cache: bool = True, activation_bits: Sequence[int] = (8,)) -> LatencyTable:
     """The table of a prepared model over the weight precisions in ``bits`` (8, 4; 32 = float, always
-    measured): every layer at one precision, per-channel max-abs weights, activation ranges from
-    the calibration ``stats`` with ``default_activation``."""
+    measured) and, with 16 in ``activation_bits``, int8 weights behind 16-bit activations (``a16``):
+    every layer at one precision, per-channel max-abs weights, activation ranges from the
+    calibration ``stats`` with ``default_activation``."""
+    import dataclasses
+
     from .lower import LoweringSpec, lower, quantized_tensors
     from .numerics import PerChannel, WeightQuant, weight_qparams
     from .ranges import activation_range
@@ -226,13 +238,16 @@ def table_for(pm, stats: Mapping, bits: Sequence[int], default_activation, *, ba
     tensors = [t for t in quantized_tensors(pm.model) if t in stats]
     ranges = {t: tuple(float(v) for v in activation_range(stats[t], default_activation)) for t in tensors}
 
-    def lowering(b: int) -> Callable[[], onnx.ModelProto]:
+    def lowering(b: int, act_bits: int = 8) -> Callable[[], onnx.ModelProto]:
         def build() -> onnx.ModelProto:
             weights = {lay.weight: weight_qparams(pm.weight(lay), WeightQuant(b, PerChannel(lay.channel_axis))) for lay in pm.layers}
-            return lower(pm.model, LoweringSpec(weights=weights, ranges=ranges))
+            acts = {} if act_bits == 8 else {t: dataclasses.replace(default_activation, bits=act_bits) for t in tensors}
+            return lower(pm.model, LoweringSpec(weights=weights, ranges=ranges, activations=acts))
         return build
 
     lowerings = {f"int{b}": lowering(b) for b in sorted(set(bits) - {32}, reverse=True)}
+    if 16 in activation_bits:
+        lowerings["a16"] = lowering(8, 16)
     fixed = getattr(pm, "fixed_batch", None)
     return measure_table(pm.model, lowerings, [lay.name for lay in pm.layers], tuple(pm.input_shape[1:]),
                          batch=fixed or batch, runs=runs, cache=cache)

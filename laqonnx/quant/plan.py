@@ -19,10 +19,11 @@ JSON schema (``format: "laqonnx.plan"``, ``version: 2``)::
 
     {"format", "version", "model": {"sha256", "input_name", "input_shape"},
      "settings": {"objective", "eps", "norm", "input_range": [lo, hi] | null, "avg_weight_bits",
-                  "max_bytes", "adversarial_calib": str, "activation_stats": str,
+                  "max_bytes", "max_latency": {"ms" | "relative", "batch"} | null, "adversarial_calib": str, "activation_stats": str,
                   "metric": {"engine", "examples", "projections", "exact", "adversarial_weight"}},
      "guard": {"kept", "examples", "losses": {name: float}} | null,
      "check": {"agreement", "examples"} | null, "warnings": [str],
+     "latency": {"limit_ms", "estimate_ms", "float_ms", "batch", "measured_ms", "float_measured_ms", "within"} | null,
      "layers": [{"name", "op_type", "weight", "input", "params", "channel_axis",
                  "chosen": CANDIDATE, "weight_scale": [float] | null, "weight_zero_point": [int] | null,
                  "candidates": [{"weight": WEIGHT | null, "clean", "adversarial", "metric", "cost_bits"}]}],
@@ -50,7 +51,8 @@ from typing import Any
 from ..errors import PlanError
 from .metric import ActivationScore, Candidate, WeightScore
 from .numerics import ActivationQuant, PerChannel
-from .plan_codec import activation_from_json, activation_to_json, load_rounding, rounding_bytes, weight_from_json, weight_to_json
+from .plan_codec import (activation_from_json, activation_to_json, candidate_from_json, candidate_to_json, load_rounding,
+                         opt_float, rounding_bytes, weight_from_json, weight_to_json)
 
 __all__ = [
     "PLAN_FORMAT",
@@ -139,11 +141,13 @@ class Plan:
     input_range: tuple[float, float] | None = None
     avg_weight_bits: float | None = None
     max_bytes: int | None = None
+    max_latency: Mapping[str, Any] | None = None  # {"ms" or "relative", "batch"}
     adversarial_calib: str = "off"
     activation_stats: str = "clean"
     metric: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     guard: GuardResult | None = None
     check: Mapping[str, Any] | None = None
+    latency: Mapping[str, Any] | None = None  # the budget in ms, the plan's estimate, the written model's measurement
     warnings: tuple[str, ...] = ()
     rounding_file: str | None = None  # the .npz beside the plan holding adaptive layers' integer weights
     rounded: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)  # weight -> integers
@@ -228,6 +232,7 @@ class Plan:
                 "input_range": None if self.input_range is None else list(self.input_range),
                 "avg_weight_bits": self.avg_weight_bits,
                 "max_bytes": self.max_bytes,
+                "max_latency": None if self.max_latency is None else dict(self.max_latency),
                 "adversarial_calib": self.adversarial_calib,
                 "activation_stats": self.activation_stats,
                 "metric": dict(self.metric),
@@ -235,6 +240,7 @@ class Plan:
             },
             "guard": None if self.guard is None else self.guard.to_json(),
             "check": None if self.check is None else dict(self.check),
+            "latency": None if self.latency is None else dict(self.latency),
             "warnings": list(self.warnings),
             "layers": [_layer_to_json(lp) for lp in self.layers],
             "ranges": [_range_to_json(r) for r in self.ranges],
@@ -269,20 +275,6 @@ class Plan:
         return plan
 
 
-def _candidate_to_json(c: Candidate) -> dict[str, Any]:
-    return {"weight": weight_to_json(c.weight), "activation": activation_to_json(c.activation)}
-
-
-def _candidate_from_json(d: Mapping[str, Any], axis: int) -> Candidate:
-    if "weight" not in d or "activation" not in d:
-        raise PlanError("a candidate needs 'weight' (null for float) and 'activation'")
-    return Candidate(weight_from_json(d["weight"], axis), activation_from_json(d["activation"]))
-
-
-def _opt_float(v: Any) -> float | None:
-    return None if v is None else float(v)
-
-
 def _layer_to_json(lp: LayerPlan) -> dict[str, Any]:
     return {
         "name": lp.name,
@@ -292,7 +284,7 @@ def _layer_to_json(lp: LayerPlan) -> dict[str, Any]:
         "activation_tensor": lp.activation_source,
         "params": lp.params,
         "channel_axis": lp.channel_axis,
-        "chosen": _candidate_to_json(lp.chosen),
+        "chosen": candidate_to_json(lp.chosen),
         "weight_scale": None if lp.weight_scale is None else list(lp.weight_scale),
         "weight_zero_point": None if lp.weight_zero_point is None else list(lp.weight_zero_point),
         "rounding_error": None if lp.rounding_error is None else {"nearest": lp.rounding_error[0], "adaptive": lp.rounding_error[1]},
@@ -319,7 +311,7 @@ def _layer_from_json(d: Mapping[str, Any], version: int) -> LayerPlan:
     scores: tuple[WeightScore, ...] = ()
     if version >= 2:
         scores = tuple(
-            WeightScore(weight_from_json(s["weight"], axis), float(s["clean"]), _opt_float(s.get("adversarial")),
+            WeightScore(weight_from_json(s["weight"], axis), float(s["clean"]), opt_float(s.get("adversarial")),
                         float(s["metric"]), int(s["cost_bits"]))
             for s in d.get("candidates", [])
         )
@@ -332,7 +324,7 @@ def _layer_from_json(d: Mapping[str, Any], version: int) -> LayerPlan:
         input=str(d["input"]),
         params=int(d["params"]),
         channel_axis=axis,
-        chosen=_candidate_from_json(d["chosen"], axis),
+        chosen=candidate_from_json(d["chosen"], axis),
         scores=scores,
         weight_scale=None if ws is None else tuple(float(x) for x in ws),
         weight_zero_point=None if wz is None else tuple(int(x) for x in wz),
@@ -345,7 +337,7 @@ def _range_from_json(r: Mapping[str, Any], version: int) -> TensorRange:
     scores: tuple[ActivationScore, ...] = ()
     if version >= 2:
         scores = tuple(
-            ActivationScore(activation_from_json(s["activation"]), float(s["clean"]), _opt_float(s.get("adversarial")),
+            ActivationScore(activation_from_json(s["activation"]), float(s["clean"]), opt_float(s.get("adversarial")),
                             float(s["metric"]))
             for s in r.get("candidates", [])
         )
@@ -383,11 +375,13 @@ def _plan_from_json(d: Mapping[str, Any]) -> Plan:
         input_range=None if rng is None else (float(rng[0]), float(rng[1])),
         avg_weight_bits=None if awb is None else float(awb),
         max_bytes=None if mb is None else int(mb),
+        max_latency=None if settings.get("max_latency") is None else dict(settings["max_latency"]),
         adversarial_calib=str(adv),
         activation_stats=str(settings.get("activation_stats", "clean")),
         metric=dict(settings.get("metric", {})),
         guard=None if d.get("guard") is None else GuardResult.from_json(d["guard"]),
         check=None if d.get("check") is None else dict(d["check"]),
+        latency=None if d.get("latency") is None else dict(d["latency"]),
         warnings=warnings,
         rounding_file=settings.get("rounding_file"),
         version=PLAN_VERSION,

@@ -11,7 +11,7 @@ from ..errors import PlanError
 from .numerics import ActivationQuant, PerChannel, PerTensor, WeightQuant
 
 __all__ = ["load_rounding", "rounding_bytes", "weight_to_json", "weight_from_json", "activation_to_json",
-           "activation_from_json"]
+           "activation_from_json", "candidate_to_json", "candidate_from_json", "opt_float"]
 
 
 def load_rounding(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -87,3 +87,20 @@ def activation_from_json(d: Mapping[str, Any]) -> ActivationQuant:
         )
     except ValueError as exc:
         raise PlanError(f"bad activation setting {dict(d)}: {exc}") from exc
+
+
+def candidate_to_json(c) -> dict[str, Any]:
+    """A layer's chosen setting (a :class:`~laqonnx.quant.metric.Candidate`)."""
+    return {"weight": weight_to_json(c.weight), "activation": activation_to_json(c.activation)}
+
+
+def candidate_from_json(d: Mapping[str, Any], axis: int):
+    if "weight" not in d or "activation" not in d:
+        raise PlanError("a candidate needs 'weight' (null for float) and 'activation'")
+    from .metric import Candidate
+
+    return Candidate(weight_from_json(d["weight"], axis), activation_from_json(d["activation"]))
+
+
+def opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)

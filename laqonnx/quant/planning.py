@@ -197,7 +197,7 @@ def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None, latency: Lat
     if isinstance(budget, MaxLatency):
         by = {lt.layer.name: lt for lt in scored.layers}
         limit = budget.limit_ms(latency.float_ms)
-        return lambda weights: latency.total_ms({n: by[n].scores[k].setting for n, k in weights.items()}) <= limit
+        return lambda weights: latency.total_ms({n: by[n].scores[k].setting for n, k in weights.items()}) <= limit  # 8-bit activations
     params = {lt.layer.name: int(np.prod(lt.layer.weight_shape)) for lt in scored.layers}
     total = sum(params.values())
     by_name = {lt.layer.name: lt for lt in scored.layers}
@@ -266,7 +266,7 @@ def plan_model(
     if isinstance(options.budget, MaxLatency):
         t = time.perf_counter()
         table = options.latency_table or table_for(pm, calibration.stats, bits, space.default_activation,
-                                                   batch=options.budget.batch)
+                                                   batch=options.budget.batch, activation_bits=space.activation_bits)
         timings["latency_costs"] = time.perf_counter() - t
     t = time.perf_counter()
     choices: dict[str, Choice] = {config.objective: choose(scored, pm, options.budget, table)}
@@ -286,6 +286,8 @@ def plan_model(
         eps=config.eps, norm=config.norm, input_range=calibration.input_range,
         avg_weight_bits=budget.bits if isinstance(budget, AvgBits) else None,
         max_bytes=budget.bytes if isinstance(budget, MaxBytes) else None,
+        max_latency=({"ms": budget.ms} if budget.ms is not None else {"relative": budget.relative}) | {"batch": budget.batch}
+        if isinstance(budget, MaxLatency) else None,
         adversarial_calib=calibration.adversarial, activation_stats=calibration.label,
         metric={"engine": scored.engine, "examples": scored.examples, "projections": scored.projections,
                 "exact": scored.exact, "adversarial_weight": config.adversarial_weight},
@@ -322,10 +324,13 @@ def plan_model(
     if result is not None and kept != config.objective:
         notes.append(f"the guard kept the {kept} plan: its measured calibration loss {result.losses[kept]:.4g} is below "
                      f"the {config.objective} plan's {result.losses[config.objective]:.4g}")
+    latency = None
     if table is not None:
-        est = table.total_ms({lp.name: lp.chosen.weight for lp in plan.layers})
-        notes.append(f"latency budget {options.budget.describe()} ({options.budget.limit_ms(table.float_ms):.3g} ms): the plan's "
+        est = table.total_ms({lp.name: lp.chosen.weight for lp in plan.layers}, {lp.name: lp.chosen.activation for lp in plan.layers})
+        limit = options.budget.limit_ms(table.float_ms)
+        latency = {"limit_ms": limit, "estimate_ms": est, "float_ms": table.float_ms, "batch": table.batch, "source": table.source}
+        notes.append(f"latency budget {options.budget.describe()} ({limit:.3g} ms): the plan's "
                      f"estimate {est:.3g} ms from per-layer costs measured on this CPU (float {table.float_ms:.3g} ms, "
                      f"batch {table.batch}, onnxruntime's profiler)")
-    plan = dataclasses.replace(plan, guard=result, warnings=tuple(dict.fromkeys([*plan.warnings, *notes])))
+    plan = dataclasses.replace(plan, guard=result, latency=latency, warnings=tuple(dict.fromkeys([*plan.warnings, *notes])))
     return Planned(plan, pm, calibration, lowered, qps, scored, timings, tuple(notes))

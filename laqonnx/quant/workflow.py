@@ -30,7 +30,7 @@ from ..vocab import Baseline
 from .adversarial import FromData, Generated, Off
 from .costs import AvgBits, MaxBytes, MaxLatency, parse_max_latency
 from .guard import OrtRunner, logits_view
-from .latency_check import LatencyCheck, budget_note, check_latency, slower_note
+from .latency_check import NOISE_MARGIN, LatencyCheck, budget_note, check_latency, slower_note
 from .lower import drop_unused_initializers, lower, ort_baseline, quantized_tensors
 from .metric import CandidateSpace
 from .numerics import PerChannel, PerTensor
@@ -170,6 +170,10 @@ def _write(pm: PreparedModel, plan: Plan, qmodel: onnx.ModelProto, out: Path, pr
         for note in (n for n in notes if n is not None):
             warnings.append(note)
             plan = dataclasses.replace(plan, warnings=tuple(dict.fromkeys([*plan.warnings, note])))
+        if latency_budget is not None:
+            measured = {"measured_ms": latency.quantized_ms, "float_measured_ms": latency.float_ms,
+                        "within": latency.quantized_ms <= latency_budget.limit_ms(latency.float_ms) * NOISE_MARGIN}
+            plan = dataclasses.replace(plan, latency={**(plan.latency or {}), **measured})
         timings["latency"] = time.perf_counter() - t
     t = time.perf_counter()
     plan_out = plan_path_for(out)
@@ -359,6 +363,10 @@ def quantize(
         space = dataclasses.replace(space, granularities=(PerChannel(),) if per_channel else (PerTensor(),))
     if (allow_float or isinstance(budget, MaxLatency)) and not space.allow_float:
         space = dataclasses.replace(space, allow_float=True)  # under a latency budget float is a fallback, often the fastest
+    if (isinstance(budget, MaxLatency) and candidates is None and 16 not in space.activation_bits
+            and (latency_table is None or all("a16" in per for per in latency_table.costs.values()))):
+        # and 16-bit activations a fallback that buys precision where the metric says it matters, at their measured cost
+        space = dataclasses.replace(space, activation_bits=(*space.activation_bits, 16))
     if rounding is not None:
         space = dataclasses.replace(space, rounding=rounding)
     options = QuantizeOptions(eps=float(eps), norm=str(norm), objective=objective, budget=budget,
