@@ -19,7 +19,7 @@ int8 and at a mixed int4/int8 budget (against onnxruntime with int4 on the large
 same average weight bits), attack every model on onnxruntime, measure latency side by side, print
 one comparison table and write a Markdown report with plots. Nothing is downloaded.
 Default: CNN and ResNet-style models, 200 test examples (about 10-15 minutes on 2 cores);
---quick: the CNN only, shorter training, 100 examples (under 3 minutes)."""
+--quick: the ResNet only (the model where int8 beats float on a small CPU), shorter training, 100 examples."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("laqonnx-demo"), metavar="DIR",
                    help="output folder for the models, results.json, table.txt and report/ (default: ./laqonnx-demo)")
-    p.add_argument("--quick", action="store_true", help="the CNN only, shorter training, 100 examples (< 3 min)")
+    p.add_argument("--quick", action="store_true", help="the ResNet only, shorter training, 100 examples")
     p.add_argument("--archs", default=None, metavar="A,B",
-                   help="comma-separated architectures among cnn, resnet, mobilenet (default: cnn,resnet; --quick: cnn)")
+                   help="comma-separated architectures among cnn, resnet, mobilenet (default: cnn,resnet; --quick: resnet)")
     p.add_argument("--eps", type=parse_fraction, default=0.1,
                    help="L-inf attack radius in input units, pixels in [0, 1], e.g. 0.1 (default, the training eps) or 8/255")
     p.add_argument("--preset", choices=AttackPreset.values(), default=AttackPreset.QUICK.value,
@@ -38,6 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="test examples to evaluate (default 200; --quick: 100)")
     p.add_argument("--mixed-bits", type=parse_positive_fraction, default=6.0, metavar="B",
                    help="nominal average weight bits of the mixed int4/int8 comparison (default 6)")
+    p.add_argument("--image-size", type=parse_positive_int, default=16, metavar="S",
+                   help="side the 8x8 digits are upscaled to (default 16; 8..64; larger models gain more from int8)")
+    p.add_argument("--max-latency", default="0.85x", metavar="BUDGET",
+                   help="the laq-latency row's budget: 0.85x (default, of the float model) or an absolute 0.2ms, batch 1")
     p.add_argument("--seed", type=int, default=0, help="training and attack seed (default 0)")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
@@ -57,7 +61,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.examples is not None:
         over["n_eval"] = args.examples
     config = DemoConfig(out_dir=args.out, quick=args.quick, eps=args.eps, preset=args.preset,  # OptionError: one line
-                        mixed_bits=args.mixed_bits, seed=args.seed, **over)
+                        mixed_bits=args.mixed_bits, seed=args.seed, image_size=args.image_size,
+                        max_latency=args.max_latency, **over)
     result = run_demo(config, progress=not args.no_progress)
     print(result.table)
     print()

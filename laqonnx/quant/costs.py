@@ -25,7 +25,7 @@ from .metric import LayerTerms, Scored, WeightScore
 from .numerics import PerChannel
 from .select import Group, Option, select
 
-__all__ = ["AvgBits", "MaxBytes", "MaxLatency", "parse_max_latency", "Budget", "LATENCY_UNITS_PER_MS", "Choice", "choose", "weight_bytes"]
+__all__ = ["AvgBits", "MaxBytes", "MaxLatency", "parse_max_latency", "Budget", "LATENCY_UNITS_PER_MS", "Choice", "choose", "latency_floor_ms", "weight_bytes"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,13 @@ def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None, latency=No
     if budget.bytes - fixed < 0:
         raise PlanError(f"--max-bytes {budget.bytes} is below the size of the model's other constants ({fixed} bytes)")
     return cost_bytes, budget.bytes - fixed, "bytes of weights", fixed
+
+
+def latency_floor_ms(scored: Scored, latency) -> float:
+    """The additive estimate of the fastest plan these candidates allow (ms)."""
+    cost_of, _, _, fixed = _latency_budget(MaxLatency(relative=1e9), latency)
+    groups, _ = _groups(scored, cost_of, by_activation=True)
+    return (sum(min(o.cost for o in g.options) for g in groups) + fixed) / LATENCY_UNITS_PER_MS
 
 
 def choose(scored: Scored, pm: PreparedModel, budget: Budget | None = None, latency=None) -> Choice:

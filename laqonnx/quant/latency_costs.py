@@ -5,8 +5,11 @@ For each precision (``float``, ``int8``, ``int4``: every layer at that weight pr
 16-bit input activations, which onnxruntime's CPU provider runs unfused), the lowered model
 runs a few times with ``SessionOptions.enable_profiling``; each kernel's time is attributed to a
 layer: the layer's own (possibly fused: ``fused fc``) node, or the node named after it (``fc_bias``), else the
-layer a Quantize/Dequantize/Clip node feeds (or, failing that, the layer it reads from). What no
-layer claims is the rest of the graph, taken from the float model and held constant.
+layer a Quantize/Dequantize/Clip node feeds (or, failing that, the layer it reads from); a node
+onnxruntime renamed (NCHWc convolutions) by the layer whose weight or bias it reads. What no
+layer claims is the rest of the graph, taken from the float model and held constant. Kernel times
+carry the profiler's per-node overhead, so each precision's times are scaled to make the uniform
+model's total equal its measured wall-clock latency (interleaved medians).
 
 The table is cached per model, CPU and batch size (``$LAQONNX_CACHE`` or ``~/.cache/laqonnx``), and
 is additive: a plan's latency is the rest plus each layer's cost at its precision. Interactions
@@ -107,7 +110,7 @@ def profile_nodes(model: onnx.ModelProto, input_shape: Sequence[int], *, batch: 
         so = ort.SessionOptions()
         so.intra_op_num_threads = default_threads()
         so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what the profiled session runs (NCHWc too)
         so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         feed = _input_feed(model, input_shape, batch)
@@ -131,13 +134,25 @@ def profile_nodes(model: onnx.ModelProto, input_shape: Sequence[int], *, batch: 
     return {k: float(np.median(v[warmup:] if len(v) > warmup else v)) for k, v in per.items()}, optimized
 
 
-_PLUMBING = {"QuantizeLinear", "DequantizeLinear", "Clip", "Sum", "Add", "Relu", "Flatten", "Reshape"}
+_PLUMBING = {"QuantizeLinear", "DequantizeLinear", "Clip", "Sum", "Add", "Relu", "Flatten", "Reshape", "Transpose",
+             "ReorderInput", "ReorderOutput"}
 
 
-def attribute(times: Mapping[str, float], graph: onnx.ModelProto, layers: Sequence[str]) -> tuple[dict[str, float], float]:
-    """Layer -> its kernel time (ms), and the unclaimed rest (see the module doc)."""
+def attribute(times: Mapping[str, float], graph: onnx.ModelProto, layers: Sequence[str],
+              params: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, float], float]:
+    """Layer -> its kernel time (ms), and the unclaimed rest (see the module doc). ``params``: layer ->
+    the initializers it reads (weight, bias): a node onnxruntime renamed (NCHWc: ``<output>_nchwc``) is
+    claimed by the layer whose initializer it reads (``name`` or ``name_<suffix>``)."""
     names = sorted(layers, key=len, reverse=True)
     nodes = {n.name: n for n in graph.graph.node}
+    owner = {init: lay for lay, inits in (params or {}).items() for init in inits}
+
+    def by_param(node: onnx.NodeProto) -> str | None:
+        for i in node.input:
+            lay = owner.get(i) or next((owner[b] for b in owner if i.startswith(b + "_")), None)
+            if lay is not None:
+                return lay
+        return None
     readers: dict[str, list[onnx.NodeProto]] = {}
     producer: dict[str, onnx.NodeProto] = {}
     for n in graph.graph.node:
@@ -148,7 +163,10 @@ def attribute(times: Mapping[str, float], graph: onnx.ModelProto, layers: Sequen
 
     def own(node_name: str) -> str | None:
         base = node_name.removeprefix("fused ")  # onnxruntime's name for a node fused with its activation
-        return next((lay for lay in names if base == lay or base.startswith((lay + "_", lay + "/"))), None)
+        hit = next((lay for lay in names if base == lay or base.startswith((lay + "_", lay + "/"))), None)
+        if hit is None and node_name in nodes and nodes[node_name].op_type not in _PLUMBING:
+            hit = by_param(nodes[node_name])
+        return hit
 
     def walk(node: onnx.NodeProto | None, forward: bool, depth: int = 0) -> str | None:
         if node is None or depth > 4:
@@ -191,11 +209,15 @@ def cache_path(model: onnx.ModelProto, batch: int, precisions: Sequence[str]) ->
 
 def measure_table(float_model: onnx.ModelProto, lowerings: Mapping[str, Callable[[], onnx.ModelProto]],
                   layers: Sequence[str], input_shape: Sequence[int], *, batch: int = 1, runs: int = 20,
-                  cache: bool = True) -> LatencyTable:
+                  cache: bool = True, params: Mapping[str, Sequence[str]] | None = None,
+                  wall: bool = True) -> LatencyTable:
     """The table over ``lowerings`` (precision -> a function writing the model with every layer at that
-    precision; ``float`` is the float model itself), cached (see the module doc)."""
+    precision; ``float`` is the float model itself), cached (see the module doc). ``params``: see
+    :func:`attribute`. With ``wall``, each precision's kernel times are scaled so that the uniform
+    model's total equals its wall-clock latency (interleaved medians): the profiler's per-node
+    overhead, large on a sub-millisecond model with many QDQ nodes, then cancels out."""
     precisions = ["float", *[p for p in lowerings if p != "float"]]
-    path = cache_path(float_model, batch, precisions) if cache else None
+    path = cache_path(float_model, batch, [*precisions, "wall" if wall else "kernel"]) if cache else None
     if path is not None and path.exists():
         try:
             table = LatencyTable.from_json(json.loads(path.read_text()))
@@ -204,16 +226,25 @@ def measure_table(float_model: onnx.ModelProto, lowerings: Mapping[str, Callable
         except (ValueError, KeyError, OptionError):
             pass
     costs: dict[str, dict[str, float]] = {lay: {} for lay in layers}
-    times, graph = profile_nodes(float_model, input_shape, batch=batch, runs=runs)
-    per, rest = attribute(times, graph, layers)
-    float_ms = sum(times.values())
-    for lay, ms in per.items():
-        costs[lay]["float"] = ms
-    for key in precisions[1:]:
-        t, g = profile_nodes(lowerings[key](), input_shape, batch=batch, runs=runs)
-        for lay, ms in attribute(t, g, layers)[0].items():
+    built = {"float": float_model, **{k: lowerings[k]() for k in precisions[1:]}}
+    rests: dict[str, float] = {}
+    for key, model in built.items():
+        t, g = profile_nodes(model, input_shape, batch=batch, runs=runs)
+        per, rests[key] = attribute(t, g, layers, params)
+        for lay, ms in per.items():
             costs[lay][key] = ms
-    table = LatencyTable(costs, rest, max(float_ms, 1e-6), batch)
+    scale = {k: 1.0 for k in built}
+    if wall:
+        from ..latency import compare_latency
+
+        res = compare_latency(built, rounds=5, runs=max(10, runs), warmup=3, batch_sizes=(batch,),
+                              input_shape=tuple(input_shape))
+        for k in built:
+            total = rests[k] + sum(costs[lay][k] for lay in layers)
+            scale[k] = res[k].at(batch).p50_ms / total if total > 0 else 1.0
+    costs = {lay: {k: ms * scale[k] for k, ms in per.items()} for lay, per in costs.items()}
+    float_ms = rests["float"] * scale["float"] + sum(costs[lay]["float"] for lay in layers)  # the float wall-clock latency
+    table = LatencyTable(costs, rests["float"] * scale["float"], max(float_ms, 1e-6), batch)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,5 +280,6 @@ def table_for(pm, stats: Mapping, bits: Sequence[int], default_activation, *, ba
     if 16 in activation_bits:
         lowerings["a16"] = lowering(8, 16)
     fixed = getattr(pm, "fixed_batch", None)
+    params = {lay.name: [n for n in (lay.weight, lay.bias) if n] for lay in pm.layers}
     return measure_table(pm.model, lowerings, [lay.name for lay in pm.layers], tuple(pm.input_shape[1:]),
-                         batch=fixed or batch, runs=runs, cache=cache)
+                         batch=fixed or batch, runs=runs, cache=cache, params=params)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import io
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OptionError
+from ..errors import LaqonnxWarning, OptionError, PlanError
 
 __all__ = ["METHODS", "DEMO_METHODS", "RECORD_METHODS", "SWEEP_METHODS", "MethodContext", "Quantized", "method",
            "int4_rule", "ort_mixed", "quantize_method", "warm_up", "layer_sizes"]
 
 DEMO_METHODS: tuple[str, ...] = ("float", "ort-minmax", "ort-minmax-pc", "ort-entropy", "ort-percentile",
-                                 "laq-int8", "ort-mixed", "laq-mixed-ada", "ort-int4", "laq-int4-ada")
+                                 "laq-int8", "laq-latency", "ort-mixed", "laq-mixed-ada", "ort-int4", "laq-int4-ada")
 RECORD_METHODS: tuple[str, ...] = (
     "float", "ort-minmax-pc", "laq-int8", "mse-int8", "lipschitz-int8",
     *(m for r in ("mixed", "int4") for m in (f"ort-{r}", *(f"{o}-{r}{a}" for o in ("laq", "mse", "lipschitz") for a in ("", "-ada")))),
@@ -57,6 +58,7 @@ class MethodContext:
     budget_bits: float = 8.0  # the achieved average bits of the uniform int4 rule
     int4_weights: tuple[str, ...] = ()  # the weights the uniform rule puts at int4
     progress: bool = False
+    max_latency: str = "0.85x"  # the latency-budget method's budget (of the float model, batch 1)
 
     def __post_init__(self) -> None:
         if not (0 < self.eps <= 1) or self.calib_limit < 1 or not 4 <= self.budget_bits <= 8:
@@ -215,8 +217,11 @@ def _ort_w4a4() -> None:
 
 _ort_w4a4()
 
+LATENCY_FALLBACK = "1.05x"  # laq-latency's budget where ctx.max_latency is infeasible
+
 _BUDGETS: dict[str, Callable[[MethodContext], float | None]] = {
     "int8": lambda ctx: None, "mixed": lambda ctx: ctx.budget_bits, "int4": lambda ctx: 4.0, "w4a4": lambda ctx: 4.0,
+    "latency": lambda ctx: None,  # a latency budget instead (ctx.max_latency)
 }
 
 
@@ -230,10 +235,20 @@ def _laq(name: str, objective: str, regime: str, rounding: str, guard: bool, spa
         bits = _BUDGETS[regime](ctx)
         candidates = space() if space is not None else (
             CandidateSpace(weight_bits=(4,), activation_bits=(4,), rounding=rounding) if regime == "w4a4" else None)
-        r = quantize(ctx.float_path, ctx.out_dir / f"{name}.onnx", ctx.calib, eps=ctx.eps, objective=objective,
-                     avg_weight_bits=None if bits is None else bits + 1e-9, calib_limit=ctx.calib_limit,
-                     guard=guard, candidates=candidates, rounding=None if candidates is not None else rounding,
-                     progress=ctx.progress)
+        def go(max_latency):
+            return quantize(ctx.float_path, ctx.out_dir / f"{name}.onnx", ctx.calib, eps=ctx.eps, objective=objective,
+                            avg_weight_bits=None if bits is None else bits + 1e-9, calib_limit=ctx.calib_limit,
+                            max_latency=max_latency, guard=guard, candidates=candidates,
+                            rounding=None if candidates is not None else rounding, progress=ctx.progress)
+
+        try:
+            r = go(ctx.max_latency if regime == "latency" else None)
+        except PlanError as exc:
+            if regime != "latency" or "infeasible" not in str(exc):
+                raise
+            # a model too small for int8 to beat float: the budget the float fallback always meets
+            warnings.warn(f"{name}: {exc}; using --max-latency {LATENCY_FALLBACK}", LaqonnxWarning, stacklevel=2)
+            r = go(LATENCY_FALLBACK)
         q = _done(name, r.output, t0, r.avg_weight_bits)
         kept = None if r.plan.guard is None else r.plan.guard.kept
         return dataclasses.replace(q, guard_kept=kept)
@@ -254,4 +269,5 @@ def _uniform_ada():
                           activation_methods=("minmax",), rounding="adaptive")
 
 
+_laq("laq-latency", "laq", "latency", "auto", True)  # int8, 16-bit activations or float per layer within ctx.max_latency
 _laq("uniform-int4-ada", "mse", "int4", "adaptive", False, _uniform_ada)
