@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,13 +64,16 @@ def _models(epochs: int, work: Path):
     xte, yte = load_mnist("test")
     out = {}
     x64, t64 = bilinear_resize(xtr, 64), bilinear_resize(xte, 64)
-    net = _train(build_model("resnet", image_size=64), x64, ytr, epochs, 0)
-    out["resnet64"] = (export_onnx(net, work / "resnet64.onnx", (1, 64, 64)), work / "resnet64.onnx", x64, t64, yte)
+    if not (work / "resnet64.onnx").exists():
+        export_onnx(_train(build_model("resnet", image_size=64), x64, ytr, epochs, 0), work / "resnet64.onnx", (1, 64, 64))
+    out["resnet64"] = (None, work / "resnet64.onnx", x64, t64, yte)
     mlp = torch.nn.Sequential(torch.nn.Linear(784, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048), torch.nn.ReLU(),
                               torch.nn.Linear(2048, 10))
     f, ft = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)
-    net = _train(mlp, f, ytr, epochs + 1, 0)
-    export_onnx(net, work / "mlp.onnx", (784,))
+    if not (work / "mlp.onnx").exists():
+        net = _train(mlp, f, ytr, epochs + 1, 0)
+        torch.onnx.export(net, torch.zeros(1, 784), str(work / "mlp.onnx"), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
     out["mlp"] = (None, work / "mlp.onnx", f, ft, yte)
     return out
 
@@ -136,11 +138,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency_budget.json"))
+    ap.add_argument("--models", default=None, metavar="DIR", help="keep the trained models here (reused when present)")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="laqonnx-latbudget-") as tmp:
-        work = Path(tmp)
+        work = Path(args.models or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         models = _models(args.epochs, work)
         results = {name: _bench(name, path, xtr, xte, yte, args, work) for name, (_, path, xtr, xte, yte) in models.items()}
     for res in results.values():
