@@ -148,7 +148,8 @@ def _groups(scored: Scored, cost_of, by_activation: bool = False) -> tuple[list[
     return groups, members
 
 
-def _latency_budget(budget: MaxLatency, latency):
+def _latency_cost(latency):
+    """A setting's latency in knapsack units (None: not offered), and the fixed rest."""
     if latency is None:
         raise OptionError("a MaxLatency budget needs a latency table (measured per-layer costs)")
 
@@ -158,7 +159,11 @@ def _latency_budget(budget: MaxLatency, latency):
             return None  # int4 Conv runs unfused on CPU: offered under a size budget only
         return round(latency.cost_ms(lt.layer.name, w, activation) * LATENCY_UNITS_PER_MS)
 
-    fixed = round(latency.rest_ms * LATENCY_UNITS_PER_MS)
+    return cost_latency, round(latency.rest_ms * LATENCY_UNITS_PER_MS)
+
+
+def _latency_budget(budget: MaxLatency, latency):
+    cost_latency, fixed = _latency_cost(latency)
     limit = int(math.floor(budget.limit_ms(latency.float_ms) * LATENCY_UNITS_PER_MS)) - fixed
     if limit < 0:
         raise PlanError(f"--max-latency {budget.describe()} is below the latency of the model outside its layers "
@@ -197,7 +202,7 @@ def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None, latency=No
 
 def latency_floor_ms(scored: Scored, latency) -> float:
     """The additive estimate of the fastest plan these candidates allow (ms)."""
-    cost_of, _, _, fixed = _latency_budget(MaxLatency(relative=1e9), latency)
+    cost_of, fixed = _latency_cost(latency)
     groups, _ = _groups(scored, cost_of, by_activation=True)
     return (sum(min(o.cost for o in g.options) for g in groups) + fixed) / LATENCY_UNITS_PER_MS
 

@@ -242,7 +242,7 @@ def measure_table(float_model: onnx.ModelProto, lowerings: Mapping[str, Callable
         for k in built:
             total = rests[k] + sum(costs[lay][k] for lay in layers)
             scale[k] = res[k].at(batch).p50_ms / total if total > 0 else 1.0
-    costs = {lay: {k: ms * scale[k] for k, ms in per.items()} for lay, per in costs.items()}
+    costs = {lay: {k: ms * scale[k] for k, ms in by_key.items()} for lay, by_key in costs.items()}
     float_ms = rests["float"] * scale["float"] + sum(costs[lay]["float"] for lay in layers)  # the float wall-clock latency
     table = LatencyTable(costs, rests["float"] * scale["float"], max(float_ms, 1e-6), batch)
     if path is not None:

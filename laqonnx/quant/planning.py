@@ -222,32 +222,32 @@ def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None, latency: Lat
 LATENCY_ATTEMPTS = 4
 
 
+def _estimate_ms(table: LatencyTable, plan: Plan) -> float:
+    """The table's additive latency estimate of ``plan``'s chosen settings."""
+    return table.total_ms({lp.name: lp.chosen.weight for lp in plan.layers}, {lp.name: lp.chosen.activation for lp in plan.layers})
+
+
 def _fit_latency(pm: PreparedModel, scored: Scored, calibration, space, table: LatencyTable, budget: MaxLatency,
                  objective: str) -> tuple[MaxLatency, list[dict]]:
     """The budget to solve with so the *written* model meets ``budget``: the plan is lowered and timed
     against the float model (interleaved); while it misses, the solved limit shrinks by the measured
     overshoot (at most :data:`LATENCY_ATTEMPTS` plans). Returns the last target and every attempt."""
-    from .latency_check import NOISE_MARGIN, check_latency
-
     from .costs import latency_floor_ms
+    from .latency_check import NOISE_MARGIN, check_latency
 
     target, attempts = budget, []
     batch = getattr(pm, "fixed_batch", None) or budget.batch
     floor = latency_floor_ms(scored, table) * (1 + 1e-6)
     for _ in range(LATENCY_ATTEMPTS):
         choice = choose(scored, pm, target, table)  # PlanError on the user's budget: infeasible as estimated
-        lowered = build_plan(pm, scored, calibration, choice, space, objective=objective)[1]
-        by = {lt.layer.name: lt for lt in scored.layers}
-        est = table.total_ms({n: by[n].scores[k].setting for n, k in choice.weights.items()},
-                             {n: scored.tensors[scored.source(by[n].layer.input)][choice.activations[scored.source(by[n].layer.input)]].setting
-                              for n in choice.weights})
+        plan, lowered, _ = build_plan(pm, scored, calibration, choice, space, objective=objective)
         chk = check_latency(pm.model, lowered, pm.input_shape[1:], batch=batch)
         limit = budget.limit_ms(chk.float_ms)
-        attempts.append({"solved_ms": target.limit_ms(table.float_ms), "estimate_ms": est, "measured_ms": chk.quantized_ms,
+        solved = target.limit_ms(table.float_ms)
+        attempts.append({"solved_ms": solved, "estimate_ms": _estimate_ms(table, plan), "measured_ms": chk.quantized_ms,
                          "float_measured_ms": chk.float_ms})
         if chk.quantized_ms <= limit * NOISE_MARGIN:
             return target, attempts
-        solved = target.limit_ms(table.float_ms)
         if solved <= floor:
             break  # the fastest plan as estimated already: nothing faster to solve for
         target = MaxLatency(ms=max(floor, solved * limit / chk.quantized_ms * 0.97), batch=budget.batch)
@@ -365,7 +365,7 @@ def plan_model(
                      f"the {config.objective} plan's {result.losses[config.objective]:.4g}")
     latency = None
     if table is not None:
-        est = table.total_ms({lp.name: lp.chosen.weight for lp in plan.layers}, {lp.name: lp.chosen.activation for lp in plan.layers})
+        est = _estimate_ms(table, plan)
         limit = options.budget.limit_ms(table.float_ms)
         latency = {"limit_ms": limit, "estimate_ms": est, "float_ms": table.float_ms, "batch": table.batch, "source": table.source,
                    "attempts": attempts}
