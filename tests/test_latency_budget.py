@@ -123,7 +123,8 @@ A16 = ActivationQuant(16)
 
 def _case_a16(seed: int):
     """Each layer input has an 8- and a 16-bit candidate; a 16-bit input makes the layer cost its
-    ``a16`` (unfused) time whatever its weight bits."""
+    ``a16`` (unfused) time whatever its weight bits, and the layer before it (the QuantizeLinear after
+    it turns 16-bit) its a16 time over its int8 time, whatever that layer chose (conservative)."""
     pm, scored, table = _case(seed)
     rng = np.random.default_rng(100 + seed)
     costs = {n: {**c, "a16": float(rng.uniform(0.3, 1.1))} for n, c in table.costs.items()}
@@ -138,9 +139,12 @@ def _brute_a16(scored: Scored, table: LatencyTable, limit_ms: float) -> float | 
     for pick in itertools.product(*[range(len(lt.scores)) for lt in scored.layers]):
         for acts in itertools.product(*[range(2) for _ in scored.layers]):
             cost, value = round(table.rest_ms * LATENCY_UNITS_PER_MS), 0.0
-            for lt, k, a in zip(scored.layers, pick, acts):
+            for i, (lt, k, a) in enumerate(zip(scored.layers, pick, acts)):
                 act = scored.tensors[lt.layer.input][a]
                 cost += round(table.cost_ms(lt.layer.name, lt.scores[k].setting, act.setting) * LATENCY_UNITS_PER_MS)
+                if act.setting.bits == 16 and i > 0:  # MLP chain: layer i-1's output QuantizeLinear turns 16-bit
+                    before = table.costs[scored.layers[i - 1].layer.name]
+                    cost += round(max(0.0, before["a16"] - before["int8"]) * LATENCY_UNITS_PER_MS)
                 value += lt.scores[k].metric + act.metric
             if cost <= units and (best is None or value < best):
                 best = value
@@ -245,3 +249,54 @@ def test_a16_lowering_runs_and_stays_close_to_float():
         outs[bits] = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
     err8, err16 = (float(np.abs(outs[b] - y).max()) for b in (8, 16))
     assert err16 < err8 / 4
+
+
+def test_output_producers_follow_removable_activations():
+    from laqonnx.quant.structure import output_producers
+
+    pm = load_model(models.mlp(seed=0, dims=(16, 12, 10, 8, 5)), allow_quantized=False)
+    assert output_producers(pm) == {"r0": ("fc0",), "r1": ("fc1",), "r2": ("fc2",), "logits": ("fc3",)}
+    pm = load_model(models.cnn(seed=0, hw=6), allow_quantized=False)  # Conv -> Relu -> Flatten -> Gemm
+    assert output_producers(pm) == {"r1": ("conv1",), "r2": ("conv2",), "logits": ("fc",)}
+
+
+def test_a16_after_an_int8_layer_unfuses_it_and_the_estimate_charges_it():
+    """onnxruntime itself: an int8 Gemm whose output QuantizeLinear is 16-bit is not fused (its weight
+    is dequantized at run time), while with 8-bit activations everywhere every Gemm is; the plan
+    estimate charges exactly the int8 layers before a 16-bit activation (not float ones)."""
+    import onnxruntime as ort
+
+    from laqonnx.quant.costs import unfused_layers
+    from laqonnx.quant.lower import LoweringSpec, lower, quantized_tensors
+    from laqonnx.quant.numerics import weight_qparams
+
+    model = models.mlp(seed=3, dims=(16, 32, 32, 5))
+    pm = load_model(model, allow_quantized=False)
+    w8 = {lay.name: WeightQuant(8, PerChannel(lay.channel_axis)) for lay in pm.layers}
+    weights = {lay.weight: weight_qparams(pm.weight(lay), w8[lay.name]) for lay in pm.layers}
+    tensors = quantized_tensors(model)
+    ranges = {t: (0.0, 8.0) if t.startswith("r") else (-8.0, 8.0) for t in tensors}
+
+    def fused_ops(acts):
+        q = lower(model, LoweringSpec(weights=weights, ranges=ranges, activations=acts))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(tmp / "opt.onnx")
+        ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        import onnx
+
+        return [n.op_type for n in onnx.load(str(tmp / "opt.onnx")).graph.node if n.op_type in ("Gemm", "QGemm")]
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        assert fused_ops({}) == ["QGemm"] * 3
+        got = fused_ops({"r1": A16})  # fc2's input 16-bit: fc2 (a16) and fc1 (its output Q) unfused, fc0 fused
+        assert got == ["QGemm", "Gemm", "Gemm"], got
+    acts = {"fc0": None, "fc1": None, "fc2": A16}
+    assert unfused_layers(pm, {}, w8, acts) == ["fc1"]
+    assert unfused_layers(pm, {}, {**w8, "fc1": None}, acts) == []  # a float fc1 is not charged again
+    table = LatencyTable({n: {"float": 1.0, "int8": 0.25, "int4": 0.5, "a16": 0.75} for n in w8}, rest_ms=0.0, float_ms=3.0)
+    assert table.total_ms(w8, acts, unfused_layers(pm, {}, w8, acts)) == pytest.approx(0.25 + 0.25 + 0.75 + 0.5)

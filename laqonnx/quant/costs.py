@@ -25,7 +25,7 @@ from .metric import LayerTerms, Scored, WeightScore
 from .numerics import PerChannel
 from .select import Group, Option, select
 
-__all__ = ["AvgBits", "MaxBytes", "MaxLatency", "parse_max_latency", "Budget", "LATENCY_UNITS_PER_MS", "Choice", "choose", "latency_floor_ms", "weight_bytes"]
+__all__ = ["AvgBits", "MaxBytes", "MaxLatency", "parse_max_latency", "Budget", "LATENCY_UNITS_PER_MS", "Choice", "choose", "latency_floor_ms", "unfused_layers", "weight_bytes"]
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,12 @@ def _pareto(options: list[tuple[int, float, int]]) -> list[tuple[int, float, int
     return out
 
 
-def _groups(scored: Scored, cost_of, by_activation: bool = False) -> tuple[list[Group], list[tuple[str, list[str]]]]:
+def _groups(scored: Scored, cost_of, by_activation: bool = False, penalty=None) -> tuple[list[Group], list[tuple[str, list[str]]]]:
     """One group per activation source tensor. ``cost_of(lt, score, activation)`` is a setting's cost
     (None: not offered); with ``by_activation`` it depends on the tensor's activation setting (latency:
-    16-bit activations run unfused), so the weight fronts are built per activation setting."""
+    16-bit activations run unfused), so the weight fronts are built per activation setting;
+    ``penalty(tensor, activation)``: a cost the activation setting adds outside the group's layers
+    (latency: the int8 layers before the tensor, unfused by a 16-bit QuantizeLinear after them)."""
     by_input: dict[str, list[LayerTerms]] = {}
     for lt in scored.layers:
         by_input.setdefault(scored.source(lt.layer.input), []).append(lt)
@@ -142,7 +144,8 @@ def _groups(scored: Scored, cost_of, by_activation: bool = False) -> tuple[list[
                 for front in fronts:
                     combos = [(c + fc, v + fv, key_ + (k,)) for c, v, key_ in combos for fc, fv, k in front]
                 combos_by[key] = combos
-            options.extend(Option(c, a.metric + v, (ai, key_)) for c, v, key_ in combos_by[key])
+            extra = penalty(tensor, a.setting) if penalty is not None else 0
+            options.extend(Option(c + extra, a.metric + v, (ai, key_)) for c, v, key_ in combos_by[key])
         groups.append(Group(tensor, tuple(options)))
         members.append((tensor, [lt.layer.name for lt in terms]))
     return groups, members
@@ -160,6 +163,45 @@ def _latency_cost(latency):
         return round(latency.cost_ms(lt.layer.name, w, activation) * LATENCY_UNITS_PER_MS)
 
     return cost_latency, round(latency.rest_ms * LATENCY_UNITS_PER_MS)
+
+
+def _latency_penalty(latency, pm: PreparedModel | None):
+    """``(tensor, activation) -> units``: a 16-bit activation on ``tensor`` runs the int8 layers
+    whose output QuantizeLinear it is unfused (:meth:`LatencyTable.unfused_ms`). Charged whatever
+    those layers choose, so the knapsack's cost never underestimates (the plan's estimate charges
+    only the layers that are int8)."""
+    if pm is None:
+        return None
+    from .structure import output_producers
+
+    producers = output_producers(pm)
+    extra = {t: round(sum(latency.unfused_ms(n) for n in names if n in latency.costs) * LATENCY_UNITS_PER_MS)
+             for t, names in producers.items()}
+
+    def penalty(tensor: str, activation) -> int:
+        return extra.get(tensor, 0) if activation is not None and activation.bits == 16 else 0
+
+    return penalty
+
+
+def unfused_layers(pm: PreparedModel, sources, weights, activations) -> list[str]:
+    """The int8 layers of a plan onnxruntime runs unfused because a 16-bit activation follows them:
+    ``weights``/``activations``: layer -> its weight / input activation setting; ``sources``: layer
+    input -> the tensor whose QDQ it gets."""
+    from .structure import output_producers
+
+    producers = output_producers(pm)
+    by_name = {layer.name: layer for layer in pm.layers}
+    out: list[str] = []
+    for name, act in activations.items():
+        if act is None or act.bits != 16 or name not in by_name:
+            continue
+        tensor = by_name[name].input
+        for p in producers.get(sources.get(tensor, tensor), ()):
+            w, own = weights.get(p), activations.get(p)
+            if w is not None and w.bits == 8 and not (own is not None and own.bits == 16):  # else charged already
+                out.append(p)
+    return list(dict.fromkeys(out))
 
 
 def _latency_budget(budget: MaxLatency, latency):
@@ -200,10 +242,11 @@ def _budget(scored: Scored, pm: PreparedModel, budget: Budget | None, latency=No
     return cost_bytes, budget.bytes - fixed, "bytes of weights", fixed
 
 
-def latency_floor_ms(scored: Scored, latency) -> float:
-    """The additive estimate of the fastest plan these candidates allow (ms)."""
+def latency_floor_ms(scored: Scored, latency, pm: PreparedModel | None = None) -> float:
+    """The additive estimate of the fastest plan these candidates allow (ms; with ``pm``, charging
+    the int8 layers a 16-bit activation after them unfuses)."""
     cost_of, fixed = _latency_cost(latency)
-    groups, _ = _groups(scored, cost_of, by_activation=True)
+    groups, _ = _groups(scored, cost_of, by_activation=True, penalty=_latency_penalty(latency, pm))
     return (sum(min(o.cost for o in g.options) for g in groups) + fixed) / LATENCY_UNITS_PER_MS
 
 
@@ -211,7 +254,8 @@ def choose(scored: Scored, pm: PreparedModel, budget: Budget | None = None, late
     """The settings minimising the summed metric, within ``budget`` (exact; PlanError if infeasible).
     ``latency``: the :class:`~laqonnx.quant.latency_costs.LatencyTable` a :class:`MaxLatency` budget is solved over."""
     cost_of, limit, unit, fixed = _budget(scored, pm, budget, latency)
-    groups, members = _groups(scored, cost_of, by_activation=isinstance(budget, MaxLatency))
+    lat = isinstance(budget, MaxLatency)
+    groups, members = _groups(scored, cost_of, by_activation=lat, penalty=_latency_penalty(latency, pm) if lat else None)
     try:
         sel = select(groups, limit, unit=unit)
     except PlanError as exc:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,11 +76,24 @@ class LatencyTable:
             raise OptionError(f"the latency table has no {key} cost for layer {layer!r}")
         return float(per[key])
 
-    def total_ms(self, weights: Mapping[str, object], activations: Mapping[str, object] | None = None) -> float:
+    def unfused_ms(self, layer: str) -> float:
+        """What running int8 ``layer`` unfused adds to its int8 cost: onnxruntime fuses it only when the
+        QuantizeLinear after it is 8-bit too, so a 16-bit activation there (or in front of it, its
+        ``a16`` cost) runs it as DequantizeLinear -> float op. Taken as its a16 cost over its int8 cost
+        (0 where the table has no a16 cost)."""
+        per = self.costs.get(layer, {})
+        if "a16" not in per or "int8" not in per:
+            return 0.0
+        return max(0.0, float(per["a16"]) - float(per["int8"]))
+
+    def total_ms(self, weights: Mapping[str, object], activations: Mapping[str, object] | None = None,
+                 unfused: Iterable[str] = ()) -> float:
         """The additive estimate of a plan (layer -> its weight setting, None = float; ``activations``:
-        layer -> its input activation setting, 8-bit where absent)."""
+        layer -> its input activation setting, 8-bit where absent; ``unfused``: int8 layers whose
+        output is quantized to 16 bits, charged :meth:`unfused_ms`)."""
         acts = activations or {}
-        return self.rest_ms + sum(self.cost_ms(n, w, acts.get(n)) for n, w in weights.items())
+        extra = sum(self.unfused_ms(n) for n in dict.fromkeys(unfused))
+        return self.rest_ms + extra + sum(self.cost_ms(n, w, acts.get(n)) for n, w in weights.items())
 
     def to_json(self) -> dict:
         return {"costs": {k: dict(v) for k, v in self.costs.items()}, "rest_ms": self.rest_ms,

@@ -222,9 +222,14 @@ def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None, latency: Lat
 LATENCY_ATTEMPTS = 4
 
 
-def _estimate_ms(table: LatencyTable, plan: Plan) -> float:
-    """The table's additive latency estimate of ``plan``'s chosen settings."""
-    return table.total_ms({lp.name: lp.chosen.weight for lp in plan.layers}, {lp.name: lp.chosen.activation for lp in plan.layers})
+def _estimate_ms(table: LatencyTable, plan: Plan, pm: PreparedModel, scored: Scored) -> float:
+    """The table's additive latency estimate of ``plan``'s chosen settings, charging the int8 layers
+    a 16-bit activation after them runs unfused."""
+    from .costs import unfused_layers
+
+    weights = {lp.name: lp.chosen.weight for lp in plan.layers}
+    acts = {lp.name: lp.chosen.activation for lp in plan.layers}
+    return table.total_ms(weights, acts, unfused_layers(pm, scored.sources, weights, acts))
 
 
 def _fit_latency(pm: PreparedModel, scored: Scored, calibration, space, table: LatencyTable, budget: MaxLatency,
@@ -237,14 +242,14 @@ def _fit_latency(pm: PreparedModel, scored: Scored, calibration, space, table: L
 
     target, attempts = budget, []
     batch = getattr(pm, "fixed_batch", None) or budget.batch
-    floor = latency_floor_ms(scored, table) * (1 + 1e-6)
+    floor = latency_floor_ms(scored, table, pm) * (1 + 1e-6)
     for _ in range(LATENCY_ATTEMPTS):
         choice = choose(scored, pm, target, table)  # PlanError on the user's budget: infeasible as estimated
         plan, lowered, _ = build_plan(pm, scored, calibration, choice, space, objective=objective)
         chk = check_latency(pm.model, lowered, pm.input_shape[1:], batch=batch)
         limit = budget.limit_ms(chk.float_ms)
         solved = target.limit_ms(table.float_ms)
-        attempts.append({"solved_ms": solved, "estimate_ms": _estimate_ms(table, plan), "measured_ms": chk.quantized_ms,
+        attempts.append({"solved_ms": solved, "estimate_ms": _estimate_ms(table, plan, pm, scored), "measured_ms": chk.quantized_ms,
                          "float_measured_ms": chk.float_ms})
         if chk.quantized_ms <= limit * NOISE_MARGIN:
             return target, attempts
@@ -365,7 +370,7 @@ def plan_model(
                      f"the {config.objective} plan's {result.losses[config.objective]:.4g}")
     latency = None
     if table is not None:
-        est = _estimate_ms(table, plan)
+        est = _estimate_ms(table, plan, pm, scored)
         limit = options.budget.limit_ms(table.float_ms)
         latency = {"limit_ms": limit, "estimate_ms": est, "float_ms": table.float_ms, "batch": table.batch, "source": table.source,
                    "attempts": attempts}

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 
 from ..graph import PreparedModel
 
-__all__ = ["activation_sources"]
+__all__ = ["activation_sources", "output_producers", "FOLDED_ACTIVATIONS"]
+
+# removable activations: onnxruntime folds them into the QuantizeLinear after the op before them
+FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
 def activation_sources(pm: PreparedModel, tensors: Sequence[str]) -> dict[str, str]:
@@ -50,3 +53,27 @@ def activation_sources(pm: PreparedModel, tensors: Sequence[str]) -> dict[str, s
     return out
 
 
+
+
+def output_producers(pm: PreparedModel) -> dict[str, tuple[str, ...]]:
+    """tensor -> the layers whose output QuantizeLinear is that tensor's: a layer's output, or the
+    output of the removable activations (Relu, Clip) that are its only consumers. onnxruntime fuses
+    an int8 layer only when that QuantizeLinear is 8-bit too, so a 16-bit activation there runs the
+    layer unfused (:meth:`laqonnx.quant.latency_costs.LatencyTable.unfused_ms`)."""
+    consumers: dict[str, list] = {}
+    for node in pm.model.graph.node:
+        for name in node.input:
+            if name:
+                consumers.setdefault(name, []).append(node)
+    out: dict[str, list[str]] = {}
+    for layer in pm.layers:
+        tensor = layer.output
+        seen = {tensor}
+        while len(consumers.get(tensor, ())) == 1 and consumers[tensor][0].op_type in FOLDED_ACTIVATIONS:
+            nxt = consumers[tensor][0].output[0]
+            if nxt in seen:
+                break
+            seen.add(nxt)
+            tensor = nxt
+        out.setdefault(tensor, []).append(layer.name)
+    return {t: tuple(names) for t, names in out.items()}
