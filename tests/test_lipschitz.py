@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -409,7 +411,7 @@ def test_periodic_warm_start_matches_cold_start_in_fewer_steps(case):
     assert float(np.linalg.norm(out) / np.linalg.norm(warm.vector)) == pytest.approx(warm.value, rel=1e-3)
 
 
-@pytest.mark.parametrize("load,threads_inside", [(0.0, 2), (99.0, 1)])
+@pytest.mark.parametrize("load,threads_inside", [(0.0, 2), (0.3, 2), (1.0, 1), (99.0, 1)])
 def test_conv_norm_pins_blas_and_runs_torch_single_threaded_only_on_a_busy_machine(monkeypatch, load, threads_inside):
     from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -418,7 +420,7 @@ def test_conv_norm_pins_blas_and_runs_torch_single_threaded_only_on_a_busy_machi
 
     before = torch.get_num_threads()
     seen, blas = [], []
-    monkeypatch.setattr(thr.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(thr, "others_cores", lambda: load)  # cores other processes keep busy
     monkeypatch.setattr(thr.os, "cpu_count", lambda: 2)
     real = lip._lanczos_sigma
 
@@ -455,7 +457,8 @@ def test_compute_threads_nested_keeps_blas_pinned_and_limits_it_once(monkeypatch
     limits = []
     real = thr._one_blas_thread
     monkeypatch.setattr(thr, "_one_blas_thread", lambda: limits.append(1) or real())
-    monkeypatch.setattr(thr.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(thr, "others_cores", lambda: 0.0)
+    monkeypatch.setattr(thr.os, "cpu_count", lambda: 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -488,6 +491,56 @@ def test_compute_threads_nested_keeps_blas_pinned_and_limits_it_once(monkeypatch
             assert limits == [1, 1, 1, 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_others_cores_counts_other_processes_not_this_one(monkeypatch):
+    """Measured from /proc: a spinning child process shows as about one busy core; this process's
+    own spinning thread does not (the 1-minute load average counted both)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import laqonnx._util.threads as thr
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("no /proc")
+    monkeypatch.setattr(thr, "_REUSE_S", 0.0)
+    monkeypatch.setattr(thr, "_WINDOW_S", 0.5)
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert thr.others_cores() >= 0.6
+    finally:
+        child.kill()
+        child.wait()
+
+    def sample(spinning: bool) -> float:
+        stop = threading.Event()
+
+        def spin():
+            while not stop.is_set():
+                pass
+
+        t = threading.Thread(target=spin)
+        if spinning:
+            t.start()
+        try:
+            return thr.others_cores()
+        finally:
+            stop.set()
+            if spinning:
+                t.join()
+
+    # interleaved with and without our own spinning thread: the same reading (whatever else runs here)
+    spin, quiet = zip(*[(sample(True), sample(False)) for _ in range(3)])
+    assert sorted(spin)[1] < sorted(quiet)[1] + 0.5, (spin, quiet)
+    monkeypatch.setattr(thr, "others_cores", lambda: None)  # no /proc: the load average
+    monkeypatch.setattr(thr.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    monkeypatch.setattr(thr.os, "cpu_count", lambda: 4)
+    assert thr.free_cores() == 3 and not thr.machine_busy()
+    monkeypatch.setattr(thr.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert thr.free_cores() == 1 and thr.machine_busy()
 
 
 @pytest.mark.parametrize("case", ["conv", "gemm-transB", "matmul"])
