@@ -124,7 +124,8 @@ A16 = ActivationQuant(16)
 def _case_a16(seed: int):
     """Each layer input has an 8- and a 16-bit candidate; a 16-bit input makes the layer cost its
     ``a16`` (unfused) time whatever its weight bits, and the layer before it (the QuantizeLinear after
-    it turns 16-bit) its a16 time over its int8 time, whatever that layer chose (conservative)."""
+    it turns 16-bit) its a16 time over its int8 time, whatever that layer chose (conservative). A float
+    layer is never offered a 16-bit input."""
     pm, scored, table = _case(seed)
     rng = np.random.default_rng(100 + seed)
     costs = {n: {**c, "a16": float(rng.uniform(0.3, 1.1))} for n, c in table.costs.items()}
@@ -138,6 +139,8 @@ def _brute_a16(scored: Scored, table: LatencyTable, limit_ms: float) -> float | 
     units = int(np.floor(limit_ms * LATENCY_UNITS_PER_MS))
     for pick in itertools.product(*[range(len(lt.scores)) for lt in scored.layers]):
         for acts in itertools.product(*[range(2) for _ in scored.layers]):
+            if any(a == 1 and lt.scores[k].setting is None for lt, k, a in zip(scored.layers, pick, acts)):
+                continue  # a 16-bit activation in front of a float layer is not offered
             cost, value = round(table.rest_ms * LATENCY_UNITS_PER_MS), 0.0
             for i, (lt, k, a) in enumerate(zip(scored.layers, pick, acts)):
                 act = scored.tensors[lt.layer.input][a]

@@ -136,13 +136,23 @@ def _groups(scored: Scored, cost_of, by_activation: bool = False, penalty=None) 
         for ai, a in enumerate(acts):
             key = a.setting if by_activation else None
             if key not in combos_by:
+                # a 16-bit QDQ in front of float layers only is not offered: slower than an 8-bit one (it
+                # unfuses the layer before) and no use to them (they read float). Exact with pruning: each
+                # layer keeps its front and its quantized settings' front, and a combination needs one
+                # quantized layer.
+                wide = by_activation and key is not None and key.bits == 16
                 fronts = []
                 for lt in terms:
-                    costed = [(cost_of(lt, s, key), s.metric, k) for k, s in enumerate(lt.scores)]
-                    fronts.append(_pareto([o for o in costed if o[0] is not None]))
+                    costed = [o for o in ((cost_of(lt, s, key), s.metric, k) for k, s in enumerate(lt.scores)) if o[0] is not None]
+                    front = _pareto(costed)
+                    if wide:
+                        front = sorted(set(front) | set(_pareto([o for o in costed if lt.scores[o[2]].setting is not None])))
+                    fronts.append(front)
                 combos: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
                 for front in fronts:
                     combos = [(c + fc, v + fv, key_ + (k,)) for c, v, key_ in combos for fc, fv, k in front]
+                if wide:
+                    combos = [o for o in combos if any(lt.scores[k].setting is not None for lt, k in zip(terms, o[2]))]
                 combos_by[key] = combos
             extra = penalty(tensor, a.setting) if penalty is not None else 0
             options.extend(Option(c + extra, a.metric + v, (ai, key_)) for c, v, key_ in combos_by[key])
