@@ -303,3 +303,37 @@ def test_a16_after_an_int8_layer_unfuses_it_and_the_estimate_charges_it():
     assert unfused_layers(pm, {}, {**w8, "fc1": None}, acts) == []  # a float fc1 is not charged again
     table = LatencyTable({n: {"float": 1.0, "int8": 0.25, "int4": 0.5, "a16": 0.75} for n in w8}, rest_ms=0.0, float_ms=3.0)
     assert table.total_ms(w8, acts, unfused_layers(pm, {}, w8, acts)) == pytest.approx(0.25 + 0.25 + 0.75 + 0.5)
+
+
+def test_int4_a_latency_budget_cannot_prefer_is_not_scored_nor_rounded(monkeypatch):
+    """Under a latency budget int4 is dropped where the table measures it no faster than int8 (and on
+    every Conv): those layers get no 4-bit settings and no adaptive rounding is fitted for them; the
+    others keep theirs, adaptive copy included."""
+    import laqonnx.quant.rounding as rounding
+    from laqonnx.quant.collect import collect
+    from laqonnx.quant.lower import quantized_tensors
+    from laqonnx.quant.metric import CandidateSpace, ObjectiveConfig
+    from laqonnx.quant.planning import _latency_dominated
+    from laqonnx.quant.scoring import CalibSet, score_layers
+
+    pm = load_model(models.mlp(seed=1, dims=(16, 24, 24, 5)), allow_quantized=False)
+    table = LatencyTable({"fc0": {"float": 1.0, "int8": 0.3, "int4": 0.2}, "fc1": {"float": 1.0, "int8": 0.3, "int4": 0.3},
+                          "fc2": {"float": 1.0, "int8": 0.3, "int4": 0.5}}, rest_ms=0.0, float_ms=3.0)
+    drop = _latency_dominated(pm, table)
+    assert drop == {("fc1", 4), ("fc2", 4)}
+    cnn = load_model(models.cnn(seed=0, hw=6), allow_quantized=False)
+    fast4 = LatencyTable({lay.name: {"float": 1.0, "int8": 0.5, "int4": 0.1} for lay in cnn.layers}, 0.0, 3.0)
+    assert _latency_dominated(cnn, fast4) == {(lay.name, 4) for lay in cnn.layers if lay.op_type == "Conv"}
+
+    fitted = []
+    real = rounding.adaptive_round
+    monkeypatch.setattr(rounding, "adaptive_round", lambda layer, *a, **k: fitted.append(layer.name) or real(layer, *a, **k))
+    x = models.random_input(pm.model, n=16, seed=5)
+    stats = collect(pm.model, quantized_tensors(pm.model), [x], progress=False)
+    space = CandidateSpace(weight_methods=("maxabs", "mse"), activation_methods=("minmax",))
+    scored = score_layers(pm, stats, ObjectiveConfig(eps=0.0), space, CalibSet(x), weight_bits=(8, 4), progress=False,
+                          drop=drop)
+    assert fitted == ["fc0"]
+    bits = {lt.layer.name: {s.setting.bits for s in lt.scores} for lt in scored.layers}
+    assert bits == {"fc0": {8, 4}, "fc1": {8}, "fc2": {8}}
+    assert any(s.setting.rounding == "adaptive" for s in scored.layers[0].scores)

@@ -222,6 +222,18 @@ def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None, latency: Lat
 LATENCY_ATTEMPTS = 4
 
 
+def _latency_dominated(pm: PreparedModel, table: LatencyTable) -> set[tuple[str, int]]:
+    """(layer, 4) where a latency budget can never prefer int4: Conv (never offered: unfused on CPU)
+    and layers the table measures no faster at int4 than at int8 (int8 is the finer grid). They are
+    not scored, so no adaptive rounding is fitted for them."""
+    out = set()
+    for layer in pm.layers:
+        per = table.costs.get(layer.name, {})
+        if layer.op_type == "Conv" or ("int4" in per and "int8" in per and per["int4"] >= per["int8"]):
+            out.add((layer.name, 4))
+    return out
+
+
 def _estimate_ms(table: LatencyTable, plan: Plan, pm: PreparedModel, scored: Scored) -> float:
     """The table's additive latency estimate of ``plan``'s chosen settings, charging the int8 layers
     a 16-bit activation after them runs unfused."""
@@ -296,19 +308,18 @@ def plan_model(
                             input_range=options.input_range, limit=options.calib_limit,
                             adversarial_examples=options.metric_examples, minmax_only=cheap, mirror=mirror, progress=progress)
     timings.update({f"calibrate_{k}": v for k, v in calibration.seconds.items()})
-    t = time.perf_counter()
     budgeted = options.budget is not None or 8 not in space.weight_bits  # without a budget: int8 (or what is allowed)
     bits = tuple(space.weight_bits) + ((32,) if space.allow_float else ()) if budgeted else (8,)
-    scored = score_layers(pm, calibration.stats, config, space, calibration.data, weight_bits=bits, mirror=mirror,
-                          sources=sources, progress=progress)
-    timings["score"] = time.perf_counter() - t
-
     table = None
     if isinstance(options.budget, MaxLatency):
         t = time.perf_counter()
         table = options.latency_table or table_for(pm, calibration.stats, bits, space.default_activation,
                                                    batch=options.budget.batch, activation_bits=space.activation_bits)
         timings["latency_costs"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scored = score_layers(pm, calibration.stats, config, space, calibration.data, weight_bits=bits, mirror=mirror,
+                          sources=sources, progress=progress, drop=_latency_dominated(pm, table) if table is not None else ())
+    timings["score"] = time.perf_counter() - t
     t = time.perf_counter()
     target, attempts = options.budget, []
     if table is not None:  # the additive estimate misses QDQ/layout transitions: measure, tighten, re-solve

@@ -12,7 +12,7 @@ the same values share their terms.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,14 +82,20 @@ def layer_inputs(pm: PreparedModel, x: np.ndarray, tensors) -> dict[str, np.ndar
     return out
 
 
-def _adaptive(pm: PreparedModel, space: CandidateSpace, weight_bits, data: CalibSet, progress: bool):
+def _settings(space: CandidateSpace, layer, weight_bits, drop: Collection[tuple[str, int]]):
+    """The layer's weight settings, without the bit widths ``drop`` rules out for it."""
+    return tuple(ws for ws in space.weight_settings(layer.channel_axis, weight_bits)
+                 if ws is None or (layer.name, ws.bits) not in drop)
+
+
+def _adaptive(pm: PreparedModel, space: CandidateSpace, weight_bits, data: CalibSet, progress: bool, drop=frozenset()):
     """(layer, setting) -> Rounded for every adaptive setting, fitted on clean and adversarial inputs."""
     from tqdm.auto import tqdm
 
     from .numerics import weight_qparams
     from .rounding import adaptive_round
 
-    todo = [(layer, ws) for layer in pm.layers for ws in space.weight_settings(layer.channel_axis, weight_bits)
+    todo = [(layer, ws) for layer in pm.layers for ws in _settings(space, layer, weight_bits, drop)
             if ws is not None and ws.rounding == "adaptive"]
     if not todo:
         return {}
@@ -108,14 +114,14 @@ def _adaptive(pm: PreparedModel, space: CandidateSpace, weight_bits, data: Calib
     return out
 
 
-def _weight_candidates(pm: PreparedModel, space: CandidateSpace, weight_bits, adaptive):
+def _weight_candidates(pm: PreparedModel, space: CandidateSpace, weight_bits, adaptive, drop=frozenset()):
     """Per layer: its settings, setting -> row of its unique deltas, the deltas, the qparams, the roundings."""
     from .numerics import dequantize
 
     out = {}
     for layer in pm.layers:
         w = pm.weight(layer)
-        settings = space.weight_settings(layer.channel_axis, weight_bits)
+        settings = _settings(space, layer, weight_bits, drop)
         rows: dict[WeightQuant | None, int] = {}
         keys: dict[tuple, int] = {}
         deltas: list[np.ndarray] = []
@@ -166,12 +172,15 @@ def score_layers(
     mirror: object = None,
     sources: Mapping[str, str] | None = None,
     progress: bool = True,
+    drop: Collection[tuple[str, int]] = frozenset(),
 ) -> Scored:
     """Score every candidate of every layer. ``stats``: calibration stats of every layer input
     (:func:`laqonnx.quant.collect.collect`); ``calib``: the calibration inputs; ``weight_bits``
     restricts the weight candidates (e.g. ``(8,)`` without a budget; 32 means float when allowed);
     ``mirror``: the float model's logits mirror, if already built; ``sources``: layer input -> the
-    tensor whose range it gets (:func:`laqonnx.quant.structure.activation_sources`; default: itself)."""
+    tensor whose range it gets (:func:`laqonnx.quant.structure.activation_sources`; default: itself);
+    ``drop``: (layer, bits) pairs not scored at all (a budget can never choose them, e.g. int4 where a
+    latency budget measures it no faster than int8): no adaptive rounding is fitted for them."""
     data = calib.pairs(config.metric_examples)
     warnings: list[str] = []
     try:
@@ -188,7 +197,8 @@ def score_layers(
         if space.rounding == "adaptive":
             require("torch", "robustness")  # adaptive rounding is learned with torch
         space = dataclasses.replace(space, rounding="nearest")
-    weights = _weight_candidates(pm, space, weight_bits, _adaptive(pm, space, weight_bits, data, progress))
+    drop = frozenset(drop)
+    weights = _weight_candidates(pm, space, weight_bits, _adaptive(pm, space, weight_bits, data, progress, drop), drop)
     sources = dict(sources or {})
     acts = _activation_candidates(pm, stats, space, sources)
     deltas = {name: w[2] for name, w in weights.items()}
