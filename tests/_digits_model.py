@@ -58,7 +58,11 @@ def digits_cnn() -> tuple[DigitsCNN, onnx.ModelProto, np.ndarray, np.ndarray, np
 
 def quantize(model: onnx.ModelProto, calib: np.ndarray, *, per_channel: bool, activation: str = "QUInt8",
              opset: int | None = None) -> onnx.ModelProto:
-    """A QDQ model by onnxruntime's ``quantize_static`` (int8 weights; given activation type)."""
+    """A QDQ model by onnxruntime's ``quantize_static`` (int8 weights; given activation type), with
+    7-bit weights (its ``reduce_range``) where this CPU's int8 kernels saturate full-range ones (x86
+    without VNNI): there onnxruntime's fused output departs from the QDQ graph's meaning otherwise."""
+    from laqonnx.latency import cpu_info
+
     import tempfile
     from pathlib import Path
 
@@ -77,5 +81,6 @@ def quantize(model: onnx.ModelProto, calib: np.ndarray, *, per_channel: bool, ac
         src, dst = Path(d, "f.onnx"), Path(d, "q.onnx")
         onnx.save(model, src)
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8)
+                        activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8,
+                        reduce_range=cpu_info().int8_saturates())
         return onnx.load(dst)

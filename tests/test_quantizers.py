@@ -285,8 +285,8 @@ def test_mse_clip_per_channel_matches_the_full_grid(shape) -> None:
         assert qp.scale[c] == best, c
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_mse_errors_equal_the_float64_sum_of_fake_quant_errors(bits: int) -> None:
+@pytest.mark.parametrize("bits,reduce_range", [(8, False), (4, False), (8, True)])
+def test_mse_errors_equal_the_float64_sum_of_fake_quant_errors(bits: int, reduce_range: bool) -> None:
     """The broadcast MSE pass (float32 difference) against fake_quant and a float64 difference,
     over the whole clip grid down to 0.30 x max-abs (entries clipped by more than 2x, zero levels,
     an all-zero channel): on the ratios >= 0.5 the float32 difference is exact and the sums agree to
@@ -299,10 +299,11 @@ def test_mse_errors_equal_the_float64_sum_of_fake_quant_errors(bits: int) -> Non
     w2[2] = 0.0
     maxabs = np.abs(w2).max(axis=1)
     clip = (np.where(maxabs > 0, maxabs, 1.0)[None] * MSE_CLIP_RATIOS.astype(np.float32)[:, None]).astype(np.float32)
-    got = _mse_errors(w2, clip, bits)
-    qmax = 2 ** (bits - 1) - 1
+    qmax = 63 if reduce_range else 2 ** (bits - 1) - 1
+    got = _mse_errors(w2, clip, qmax)
     for i, ratio in enumerate(MSE_CLIP_RATIOS):
-        qp = QParams(scale=(clip[i] / np.float32(qmax)).astype(np.float32), zero_point=np.zeros(5, np.int64), bits=bits, signed=True, axis=0)
+        qp = QParams(scale=(clip[i] / np.float32(qmax)).astype(np.float32), zero_point=np.zeros(5, np.int64), bits=bits,
+                     signed=True, axis=0, reduce_range=reduce_range)
         assert np.array_equal(qp.scale, (clip[i].astype(np.float64) * 2 / (2 * qmax)).astype(np.float32))
         d = fake_quant(w2, qp).astype(np.float64) - w2.astype(np.float64)
         want = (d * d).sum(axis=1)
@@ -311,3 +312,26 @@ def test_mse_errors_equal_the_float64_sum_of_fake_quant_errors(bits: int) -> Non
             d32 = fake_quant(w2, qp) - w2
             assert np.array_equal(d32.astype(np.float64), d)  # Sterbenz: the float32 difference is exact
     assert np.all(got[:, 2] == 0.0)
+
+
+def test_reduce_range_keeps_int8_weights_in_7_bits_and_saturates_there() -> None:
+    """reduce_range: scale = clip / 63, every stored value in [-64, 63] (a clipped MSE range saturates
+    at 63, not 127); stored as int8; only for int8."""
+    from laqonnx.errors import OptionError
+    from laqonnx.quant.numerics import QParams, WeightQuant, quantize, weight_qparams
+
+    w = np.random.default_rng(0).standard_t(2, (16, 40)).astype(np.float32)
+    for method in ("maxabs", "mse", "percentile"):
+        spec = WeightQuant(8, PerChannel(0), method, reduce_range=True)
+        qp = weight_qparams(w, spec)
+        q = quantize(w, qp)
+        assert q.dtype == np.int8 and q.min() >= -64 and q.max() <= 63
+        if method == "maxabs":
+            np.testing.assert_allclose(qp.scale, np.abs(w).max(axis=1) / 63, rtol=1e-6)
+            assert np.abs(q).max() == 63
+        else:  # clipped below max-abs: the outliers saturate at the 7-bit bounds
+            assert q.max() == 63 or q.min() == -64
+    with pytest.raises(OptionError, match="int8 weights only"):
+        WeightQuant(4, reduce_range=True)
+    with pytest.raises(ValueError, match="int8 only"):
+        QParams(scale=np.float32(1.0), zero_point=np.int64(0), bits=4, signed=True, reduce_range=True)

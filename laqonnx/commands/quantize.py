@@ -79,6 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): adaptive rounding (learned per weight on clean and adversarial activations) is a "
                         "candidate of the int4 per-channel settings, chosen where the metric says it pays; nearest: never; "
                         "adaptive: forced on every layer (slower: one optimisation per layer and setting)")
+    p.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
+                   help="int8 weights in 7 bits ([-64, 63]). auto (default): on when this CPU is x86 without VNNI/AMX "
+                        "(AVX2), where onnxruntime's int8 kernels saturate full-range weights and silently corrupt "
+                        "outputs; off for a model that will only run on VNNI/AMX or Arm CPUs")
     p.add_argument("--activation-bits", type=int, choices=(4, 8, 16), default=None,
                    help="bits of the layer-input activations scored (default 8; 16 keeps more precision, unfused; 4 is "
                         "uint4 with int4 weights (W4A4), which onnxruntime runs unfused: for low-bit studies)")
@@ -118,6 +122,11 @@ def _run(args: argparse.Namespace) -> int:
                                     activation_bits=(args.activation_bits,) if args.activation_bits else default.activation_bits,
                                     weight_bits=(4,) if args.activation_bits == 4 else default.weight_bits)
     adversarial = False if args.no_adversarial_calib else args.adversarial_calib
+    reduce_range = None if args.reduce_range == "auto" else args.reduce_range == "on"
+    if reduce_range is None and candidates is not None and not args.plan:
+        from ..latency import cpu_info
+
+        reduce_range = cpu_info().int8_saturates()
     result = quantize(
         args.model, args.output, args.calib, eps=args.eps, norm=args.norm, objective=args.objective,
         avg_weight_bits=args.avg_weight_bits, max_bytes=args.max_bytes, adversarial_calib=adversarial, plan=args.plan,
@@ -126,6 +135,7 @@ def _run(args: argparse.Namespace) -> int:
         allow_float=args.allow_float, guard=not args.no_guard, metric_examples=args.metric_examples,
         rounding=args.rounding, progress=not args.no_progress, candidates=candidates,
         latency_check=not args.no_latency_check, max_latency=args.max_latency, latency_batch=args.latency_batch,
+        reduce_range=reduce_range,
     )
     plan = result.plan
     ranges = plan.range_map()

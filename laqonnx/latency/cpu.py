@@ -36,6 +36,12 @@ class CpuInfo:
         """The int8 dot-product extensions present, e.g. ``["avx512_vnni", "avx_vnni", "amx_int8"]``."""
         return [f for f in _INT8_FLAGS if f in self.flags]
 
+    def int8_saturates(self) -> bool:
+        """True on an x86 CPU with AVX2 but no VNNI or AMX: onnxruntime's uint8 x int8 kernels there
+        add pairs of products in 16 bits (``vpmaddubsw``), which saturates with full-range int8
+        weights; 7-bit weights (``reduce_range``) cannot overflow."""
+        return "avx2" in self.flags and not (self.vnni or self.amx)
+
     def int8_warning(self) -> str | None:
         """A one-line warning when int8 is unlikely to be faster than float here, else None."""
         if self.note is not None:

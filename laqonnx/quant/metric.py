@@ -160,6 +160,7 @@ class CandidateSpace:
     default_activation: ActivationQuant = field(default_factory=ActivationQuant)
     rounding: str = "auto"
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    reduce_range: bool = False  # int8 weights in 7 bits (numerics.REDUCE_RANGE_NOTE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rounding", RoundingMode.check(self.rounding, "rounding"))
@@ -183,7 +184,7 @@ class CandidateSpace:
             for g in self.granularities:
                 gran = PerChannel(axis) if isinstance(g, PerChannel) else PerTensor()
                 for m in self.weight_methods:
-                    ws = WeightQuant(b, gran, m, self.weight_percentile)
+                    ws = WeightQuant(b, gran, m, self.weight_percentile, reduce_range=self.reduce_range and b == 8)
                     if self.rounding == RoundingMode.ADAPTIVE:
                         out.append(dataclasses.replace(ws, rounding=Rounding.ADAPTIVE.value))
                         continue

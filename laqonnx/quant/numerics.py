@@ -78,6 +78,15 @@ def _check_percentile(p: float) -> None:
         raise OptionError(f"percentile must be in (50, 100], got {p!r}")
 
 
+REDUCED_INT8 = (-64, 63)  # 7-bit values in int8 storage
+REDUCE_RANGE_NOTE = (
+    "int8 weights use 7 bits (values in [-64, 63], reduce_range): on x86 CPUs without VNNI (AVX2, AVX-512 without "
+    "VNNI) onnxruntime's int8 kernels sum pairs of uint8 x int8 products in 16 bits, which saturates at full-range "
+    "weights and silently corrupts the output (measured on a trained MNIST CNN: logit error 17x the fake-quant "
+    "prediction; onnxruntime's own quantize_static alike)"
+)
+
+
 @dataclass(frozen=True)
 class WeightQuant:
     """How a weight is quantized: bits (8 or 4), granularity, how its range is chosen, and how its
@@ -89,10 +98,13 @@ class WeightQuant:
     method: str = "maxabs"
     percentile: float = 99.99
     rounding: str = "nearest"
+    reduce_range: bool = False  # int8 stored, values in [-64, 63]: see REDUCE_RANGE_NOTE
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
             raise OptionError(f"weight bits must be 8 or 4, got {self.bits!r}")
+        if not isinstance(self.reduce_range, bool) or (self.reduce_range and self.bits != 8):
+            raise OptionError("reduce_range is a bool and applies to int8 weights only")
         if not isinstance(self.granularity, (PerTensor, PerChannel)):
             raise OptionError(f"granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}")
         object.__setattr__(self, "method", WeightMethod.check(self.method, "weight method"))
@@ -140,10 +152,13 @@ class QParams:
     bits: int
     signed: bool
     axis: int | None = None
+    reduce_range: bool = False  # int8 values kept in [-64, 63] (7 bits): QuantizeLinear saturates there
 
     def __post_init__(self) -> None:
         if (self.bits, self.signed) not in _TYPES:
             raise ValueError(f"unsupported quantized type: bits={self.bits!r} signed={self.signed!r}")
+        if self.reduce_range and (self.bits, self.signed) != (8, True):
+            raise ValueError("reduce_range applies to int8 only")
         scale = np.asarray(self.scale, dtype=np.float32)
         zp = np.asarray(self.zero_point)
         if not np.issubdtype(zp.dtype, np.integer) and not np.all(zp == np.round(zp)):
@@ -162,13 +177,13 @@ class QParams:
 
     @property
     def qmin(self) -> int:
-        """Smallest value of the element type (QuantizeLinear saturates to it)."""
-        return _TYPES[(self.bits, self.signed)][1]
+        """Smallest value of the element type (QuantizeLinear saturates to it; -64 with reduce_range)."""
+        return REDUCED_INT8[0] if self.reduce_range else _TYPES[(self.bits, self.signed)][1]
 
     @property
     def qmax(self) -> int:
-        """Largest value of the element type."""
-        return _TYPES[(self.bits, self.signed)][2]
+        """Largest value of the element type (63 with reduce_range)."""
+        return REDUCED_INT8[1] if self.reduce_range else _TYPES[(self.bits, self.signed)][2]
 
     @property
     def onnx_type(self) -> int:
@@ -277,10 +292,14 @@ def _reduce_axes(w: np.ndarray, spec: WeightQuant) -> tuple[tuple[int, ...], int
     return tuple(range(w.ndim)), None
 
 
-def _symmetric_qparams(clip: np.ndarray, bits: int, axis: int | None) -> QParams:
-    qmax = 2 ** (bits - 1) - 1
+def _weight_qmax(bits: int, reduce_range: bool = False) -> int:
+    return REDUCED_INT8[1] if reduce_range else 2 ** (bits - 1) - 1
+
+
+def _symmetric_qparams(clip: np.ndarray, bits: int, axis: int | None, reduce_range: bool = False) -> QParams:
+    qmax = _weight_qmax(bits, reduce_range)
     scale, zp = _scale_zp(-clip, clip, -qmax, qmax, True)
-    return QParams(scale=scale, zero_point=zp, bits=bits, signed=True, axis=axis)
+    return QParams(scale=scale, zero_point=zp, bits=bits, signed=True, axis=axis, reduce_range=reduce_range)
 
 
 def weight_qparams(w: np.ndarray, spec: WeightQuant) -> QParams:
@@ -299,11 +318,11 @@ def weight_qparams(w: np.ndarray, spec: WeightQuant) -> QParams:
         clip = np.percentile(absw, spec.percentile, axis=axes).astype(np.float32)
         clip = np.where(clip > 0, clip, maxabs)
     else:
-        clip = _mse_clip(w, maxabs, spec.bits, axes, axis)
-    return _symmetric_qparams(np.asarray(clip, dtype=np.float32), spec.bits, axis)
+        clip = _mse_clip(w, maxabs, _weight_qmax(spec.bits, spec.reduce_range), axes, axis)
+    return _symmetric_qparams(np.asarray(clip, dtype=np.float32), spec.bits, axis, spec.reduce_range)
 
 
-def _mse_errors(w2: np.ndarray, clip: np.ndarray, bits: int) -> np.ndarray:
+def _mse_errors(w2: np.ndarray, clip: np.ndarray, qmax: int) -> np.ndarray:
     """``||w - fake_quant(w)||^2`` per row of ``w2`` (rows: channels, or one row per tensor) for each
     candidate clip, ``clip`` of shape (r, rows): one broadcasted pass, bit-exact with
     :func:`fake_quant` (float32 ``x / scale``, round half to even, saturation to the type range,
@@ -315,7 +334,6 @@ def _mse_errors(w2: np.ndarray, clip: np.ndarray, bits: int) -> np.ndarray:
     difference is ``-w``; entries clipped by more than 2x) are exact or within 2^-24 of it. This
     halves the time of this pass against a float64 difference (512 x 4608 weight: 17.7 -> 7.8 ms; the
     ResNet-18's whole MSE clip search, under cProfile: 1.4 -> 1.0 s)."""
-    qmax = 2 ** (bits - 1) - 1
     scale, _ = _scale_zp(-clip, clip, -qmax, qmax, True)  # (r, rows) float32, zero point 0
     s = scale[:, :, None]
     q = w2[None] / s
@@ -330,7 +348,7 @@ _MSE_COARSE = 5  # coarse grid: every 5th ratio of MSE_CLIP_RATIOS (always inclu
 _MSE_CHUNK = 1 << 22  # elements per broadcasted pass (bounds the temporary memory to ~50 MB)
 
 
-def _mse_clip(w: np.ndarray, maxabs: np.ndarray, bits: int, axes: tuple[int, ...], axis: int | None) -> np.ndarray:
+def _mse_clip(w: np.ndarray, maxabs: np.ndarray, qmax: int, axes: tuple[int, ...], axis: int | None) -> np.ndarray:
     """Per tensor/channel clip from MSE_CLIP_RATIOS minimising ||w - fake_quant(w)||^2 (ties: larger clip).
 
     Coarse to fine: the squared error is evaluated on every 5th ratio of the grid (ratio 1.0, i.e.
@@ -355,7 +373,7 @@ def _mse_clip(w: np.ndarray, maxabs: np.ndarray, bits: int, axes: tuple[int, ...
         for i in range(0, idx.shape[0], step):
             part = idx[i:i + step]
             clip = (m[None] * ratios32[part]).astype(np.float32)
-            e = _mse_errors(w2, clip, bits)
+            e = _mse_errors(w2, clip, qmax)
             cols = np.broadcast_to(np.arange(rows), part.shape)
             err[part, cols] = e
 

@@ -51,6 +51,8 @@ def weight_to_json(w: WeightQuant | None) -> dict[str, Any] | None:
     }
     if w.rounding != "nearest":
         out["rounding"] = w.rounding
+    if w.reduce_range:
+        out["reduce_range"] = True
     if per_channel:
         out["axis"] = w.granularity.axis
     return out
@@ -69,7 +71,7 @@ def weight_from_json(d: Mapping[str, Any] | None, channel_axis: int = 0) -> Weig
     try:
         return WeightQuant(
             bits=d["bits"], granularity=granularity, method=d.get("method", "maxabs"), percentile=d.get("percentile", 99.99),
-            rounding=d.get("rounding", "nearest"),
+            rounding=d.get("rounding", "nearest"), reduce_range=d.get("reduce_range", False),
         )
     except ValueError as exc:
         raise PlanError(f"bad weight setting {dict(d)}: {exc}") from exc

@@ -143,7 +143,7 @@ def lowering_spec(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any
     """The plan with its weight scales filled in, and the :class:`LoweringSpec` that writes it."""
     from .numerics import weight_qparams
 
-    from .numerics import dequantize
+    from .numerics import dequantize, fake_quant
 
     qps: dict[str, Any] = {}
     values: dict[str, np.ndarray] = {}
@@ -159,6 +159,8 @@ def lowering_spec(pm: PreparedModel, plan: Plan, known: Mapping[str, Mapping[Any
         qps[lp.weight] = qp
         if w.rounding == "adaptive":
             values[lp.weight] = dequantize(_adaptive_integers(pm, plan, lp, qp), qp)
+        elif qp.reduce_range:  # onnxruntime's quantizer saturates at int8's range: hand it the 7-bit values
+            values[lp.weight] = fake_quant(pm.weight(pm.layer(lp.name)), qp)
         layers.append(dataclasses.replace(lp, weight_scale=tuple(float(s) for s in np.ravel(qp.scale)),
                                           weight_zero_point=tuple(int(z) for z in np.ravel(qp.zero_point))))
     plan = dataclasses.replace(plan, layers=tuple(layers))
@@ -220,6 +222,22 @@ def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None, latency: Lat
 
 
 LATENCY_ATTEMPTS = 4
+
+
+def _range_notes(space, plan: Plan) -> list[str]:
+    """Why int8 weights are 7-bit, or a warning that full-range ones saturate on this CPU."""
+    from ..latency import cpu_info
+    from .numerics import REDUCE_RANGE_NOTE
+
+    if not any(lp.chosen.weight is not None and lp.chosen.weight.bits == 8 for lp in plan.layers):
+        return []
+    if space.reduce_range:
+        return [REDUCE_RANGE_NOTE]
+    info = cpu_info()
+    if info.int8_saturates():
+        return [f"WARNING: {info.model_name} has AVX2 but no VNNI: onnxruntime's int8 kernels saturate full-range int8 "
+                "weights here and can corrupt this model's outputs (reduce_range=True / --reduce-range on keeps them in 7 bits)"]
+    return []
 
 
 def _latency_dominated(pm: PreparedModel, table: LatencyTable) -> set[tuple[str, int]]:
@@ -375,7 +393,7 @@ def plan_model(
     else:
         result = None
     plan, lowered, qps = built[kept]
-    notes = list(calibration.notes)
+    notes = list(calibration.notes) + _range_notes(space, plan)
     if result is not None and kept != config.objective:
         notes.append(f"the guard kept the {kept} plan: its measured calibration loss {result.losses[kept]:.4g} is below "
                      f"the {config.objective} plan's {result.losses[config.objective]:.4g}")

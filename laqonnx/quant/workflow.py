@@ -320,6 +320,7 @@ def quantize(
     max_latency: str | MaxLatency | None = None,
     latency_batch: int = 1,
     latency_table: Any = None,
+    reduce_range: bool | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` (a path or ``onnx.ModelProto``) to a QDQ model at ``output``.
 
@@ -336,7 +337,10 @@ def quantize(
     interleaved, < 1 s on small models) and warn if the quantized one is slower. ``max_latency``:
     a latency budget, ``"0.7x"`` (of the float model) or ``"3.5ms"`` or a :class:`MaxLatency`, at
     ``latency_batch``, solved over per-layer costs measured by onnxruntime's profiler (cached;
-    ``latency_table`` to give them); the written model is then measured against it. See
+    ``latency_table`` to give them); the written model is then measured against it.
+    ``reduce_range``: int8 weights in 7 bits ([-64, 63]); None (default): on when this CPU is x86
+    without VNNI/AMX, where onnxruntime's int8 kernels saturate full-range weights (kept as given by
+    ``candidates``). See
     :mod:`laqonnx.quant.metric` for the metric.
     """
     if sum(b is not None for b in (avg_weight_bits, max_bytes, max_latency)) > 1:
@@ -348,8 +352,8 @@ def quantize(
     if plan is not None:
         if budget is not None:
             raise PlanError("a budget does not apply when re-applying a plan (--plan): edit the plan's settings instead")
-        if candidates is not None or rounding is not None:
-            raise PlanError("candidate sets (--weight-methods/--activation-methods, candidates=) choose what to score; they do not "
+        if candidates is not None or rounding is not None or reduce_range is not None:
+            raise PlanError("candidate sets (--weight-methods/--activation-methods, --rounding, --reduce-range) choose what to score; they do not "
                             "apply when re-applying a plan (--plan): edit the plan's settings instead")
         return apply_plan(model, plan, output, calib, input_shape=input_shape, output_name=output_name,
                           input_range=input_range, calib_limit=calib_limit, baseline=baseline,
@@ -369,6 +373,10 @@ def quantize(
         space = dataclasses.replace(space, activation_bits=(*space.activation_bits, 16))
     if rounding is not None:
         space = dataclasses.replace(space, rounding=rounding)
+    if reduce_range is not None or candidates is None:
+        from ..latency import cpu_info
+
+        space = dataclasses.replace(space, reduce_range=bool(cpu_info().int8_saturates() if reduce_range is None else reduce_range))
     options = QuantizeOptions(eps=float(eps), norm=str(norm), objective=objective, budget=budget,
                               adversarial=_adversarial(adversarial_calib), candidates=space, input_range=input_range,
                               calib_limit=calib_limit, metric_examples=metric_examples, guard=guard,
