@@ -317,7 +317,8 @@ def ort_baseline(
     """onnxruntime's plain ``quantize_static``: QDQ, uint8 activations (uint4 with
     ``activation_bits=4``), int8 weights, ``method``'s calibration, per-channel iff asked; the
     weights named in ``int4_weights`` get int4 through ``TensorQuantOverrides`` (the model is
-    converted to opset 21 first, which int4 ``DequantizeLinear`` needs). Returns the model (written by onnxruntime in a temporary folder and
+    converted to opset 21 first, which int4 ``DequantizeLinear`` needs); with its ``reduce_range``
+    (7-bit weights) on a CPU whose int8 kernels saturate full-range ones. Returns the model (written by onnxruntime in a temporary folder and
     read back, so the caller writes the output atomically)."""
     import tempfile
     from pathlib import Path
@@ -351,5 +352,12 @@ def ort_baseline(
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
             extra_options=extra,
+            reduce_range=_int8_saturates(),  # onnxruntime's own advice for x86 without VNNI
         )
         return onnx.load(str(path))
+
+
+def _int8_saturates() -> bool:
+    from ..latency import cpu_info
+
+    return cpu_info().int8_saturates()
