@@ -313,7 +313,7 @@ def test_int4_a_latency_budget_cannot_prefer_is_not_scored_nor_rounded(monkeypat
     from laqonnx.quant.collect import collect
     from laqonnx.quant.lower import quantized_tensors
     from laqonnx.quant.metric import CandidateSpace, ObjectiveConfig
-    from laqonnx.quant.planning import _latency_dominated
+    from laqonnx.quant.latency_costs import int4_dominated as _latency_dominated
     from laqonnx.quant.scoring import CalibSet, score_layers
 
     pm = load_model(models.mlp(seed=1, dims=(16, 24, 24, 5)), allow_quantized=False)

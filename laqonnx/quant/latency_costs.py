@@ -32,7 +32,7 @@ import onnx
 
 from ..errors import OptionError
 
-__all__ = ["LatencyTable", "attribute", "cache_path", "measure_table", "precision_key", "profile_nodes"]
+__all__ = ["LatencyTable", "attribute", "cache_path", "int4_dominated", "measure_table", "precision_key", "profile_nodes"]
 
 PRECISIONS = ("float", "int8", "int4", "a16")
 
@@ -296,3 +296,15 @@ def table_for(pm, stats: Mapping, bits: Sequence[int], default_activation, *, ba
     params = {lay.name: [n for n in (lay.weight, lay.bias) if n] for lay in pm.layers}
     return measure_table(pm.model, lowerings, [lay.name for lay in pm.layers], tuple(pm.input_shape[1:]),
                          batch=fixed or batch, runs=runs, cache=cache, params=params)
+
+
+def int4_dominated(pm, table: LatencyTable) -> set[tuple[str, int]]:
+    """(layer, 4) where a latency budget can never prefer int4: Conv (never offered: unfused on CPU)
+    and layers the table measures no faster at int4 than at int8 (int8 is the finer grid). They are
+    not scored, so no adaptive rounding is fitted for them."""
+    out = set()
+    for layer in pm.layers:
+        per = table.costs.get(layer.name, {})
+        if layer.op_type == "Conv" or ("int4" in per and "int8" in per and per["int4"] >= per["int8"]):
+            out.add((layer.name, 4))
+    return out

@@ -160,7 +160,7 @@ class CandidateSpace:
     default_activation: ActivationQuant = field(default_factory=ActivationQuant)
     rounding: str = "auto"
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
-    reduce_range: bool = False  # int8 weights in 7 bits (numerics.REDUCE_RANGE_NOTE)
+    reduce_range: bool = False  # int8 weights in 7 bits (laqonnx.quant.int8_range)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rounding", RoundingMode.check(self.rounding, "rounding"))

@@ -23,22 +23,9 @@ from onnx import TensorProto
 from ..errors import OptionError
 from ..vocab import ActivationMethod, Rounding, WeightMethod
 
-__all__ = [
-    "PerTensor",
-    "PerChannel",
-    "Granularity",
-    "WeightQuant",
-    "ActivationQuant",
-    "QParams",
-    "weight_qparams",
-    "activation_qparams",
-    "quantize",
-    "dequantize",
-    "fake_quant",
-    "quantize_weight",
-    "relative_weight_error",
-    "MSE_CLIP_RATIOS",
-]
+__all__ = ["PerTensor", "PerChannel", "Granularity", "WeightQuant", "ActivationQuant", "QParams", "weight_qparams",
+           "activation_qparams", "quantize", "dequantize", "fake_quant", "quantize_weight", "relative_weight_error",
+           "MSE_CLIP_RATIOS", "REDUCED_INT8"]
 
 # Clip ratios (of max |w|) tried by the MSE weight search; 1.0 is included so MSE <= max-abs.
 MSE_CLIP_RATIOS = np.linspace(0.30, 1.0, 71)
@@ -79,12 +66,6 @@ def _check_percentile(p: float) -> None:
 
 
 REDUCED_INT8 = (-64, 63)  # 7-bit values in int8 storage
-REDUCE_RANGE_NOTE = (
-    "int8 weights use 7 bits (values in [-64, 63], reduce_range): on x86 CPUs without VNNI (AVX2, AVX-512 without "
-    "VNNI) onnxruntime's int8 kernels sum pairs of uint8 x int8 products in 16 bits, which saturates at full-range "
-    "weights and silently corrupts the output (measured on a trained MNIST CNN: logit error 17x the fake-quant "
-    "prediction; onnxruntime's own quantize_static alike)"
-)
 
 
 @dataclass(frozen=True)
@@ -98,7 +79,7 @@ class WeightQuant:
     method: str = "maxabs"
     percentile: float = 99.99
     rounding: str = "nearest"
-    reduce_range: bool = False  # int8 stored, values in [-64, 63]: see REDUCE_RANGE_NOTE
+    reduce_range: bool = False  # int8 stored, values in [-64, 63]: see laqonnx.quant.int8_range
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
@@ -294,7 +275,6 @@ def _reduce_axes(w: np.ndarray, spec: WeightQuant) -> tuple[tuple[int, ...], int
 
 def _weight_qmax(bits: int, reduce_range: bool = False) -> int:
     return REDUCED_INT8[1] if reduce_range else 2 ** (bits - 1) - 1
-
 
 def _symmetric_qparams(clip: np.ndarray, bits: int, axis: int | None, reduce_range: bool = False) -> QParams:
     qmax = _weight_qmax(bits, reduce_range)

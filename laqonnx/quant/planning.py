@@ -27,7 +27,8 @@ from ..vocab import Objective
 from .adversarial import AdversarialCalib, Generated, Off
 from .calibration import Calibration, calibrate
 from .costs import AvgBits, Budget, Choice, MaxBytes, MaxLatency, choose, weight_bytes
-from .latency_costs import LatencyTable, table_for
+from .int8_range import range_notes
+from .latency_costs import LatencyTable, int4_dominated, table_for
 from .guard import guard, uniform_choice
 from .lower import LoweringSpec, lower, quantized_tensors
 from .metric import Candidate, CandidateSpace, ObjectiveConfig, Scored
@@ -224,34 +225,6 @@ def _fits(scored: Scored, pm: PreparedModel, budget: Budget | None, latency: Lat
 LATENCY_ATTEMPTS = 4
 
 
-def _range_notes(space, plan: Plan) -> list[str]:
-    """Why int8 weights are 7-bit, or a warning that full-range ones saturate on this CPU."""
-    from ..latency import cpu_info
-    from .numerics import REDUCE_RANGE_NOTE
-
-    if not any(lp.chosen.weight is not None and lp.chosen.weight.bits == 8 for lp in plan.layers):
-        return []
-    if space.reduce_range:
-        return [REDUCE_RANGE_NOTE]
-    info = cpu_info()
-    if info.int8_saturates():
-        return [f"WARNING: {info.model_name} has AVX2 but no VNNI: onnxruntime's int8 kernels saturate full-range int8 "
-                "weights here and can corrupt this model's outputs (reduce_range=True / --reduce-range on keeps them in 7 bits)"]
-    return []
-
-
-def _latency_dominated(pm: PreparedModel, table: LatencyTable) -> set[tuple[str, int]]:
-    """(layer, 4) where a latency budget can never prefer int4: Conv (never offered: unfused on CPU)
-    and layers the table measures no faster at int4 than at int8 (int8 is the finer grid). They are
-    not scored, so no adaptive rounding is fitted for them."""
-    out = set()
-    for layer in pm.layers:
-        per = table.costs.get(layer.name, {})
-        if layer.op_type == "Conv" or ("int4" in per and "int8" in per and per["int4"] >= per["int8"]):
-            out.add((layer.name, 4))
-    return out
-
-
 def _estimate_ms(table: LatencyTable, plan: Plan, pm: PreparedModel, scored: Scored) -> float:
     """The table's additive latency estimate of ``plan``'s chosen settings, charging the int8 layers
     a 16-bit activation after them runs unfused."""
@@ -336,7 +309,7 @@ def plan_model(
         timings["latency_costs"] = time.perf_counter() - t
     t = time.perf_counter()
     scored = score_layers(pm, calibration.stats, config, space, calibration.data, weight_bits=bits, mirror=mirror,
-                          sources=sources, progress=progress, drop=_latency_dominated(pm, table) if table is not None else ())
+                          sources=sources, progress=progress, drop=int4_dominated(pm, table) if table is not None else ())
     timings["score"] = time.perf_counter() - t
     t = time.perf_counter()
     target, attempts = options.budget, []
@@ -393,7 +366,7 @@ def plan_model(
     else:
         result = None
     plan, lowered, qps = built[kept]
-    notes = list(calibration.notes) + _range_notes(space, plan)
+    notes = list(calibration.notes) + range_notes(space, plan)
     if result is not None and kept != config.objective:
         notes.append(f"the guard kept the {kept} plan: its measured calibration loss {result.losses[kept]:.4g} is below "
                      f"the {config.objective} plan's {result.losses[config.objective]:.4g}")
