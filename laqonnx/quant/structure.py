@@ -53,8 +53,6 @@ def activation_sources(pm: PreparedModel, tensors: Sequence[str]) -> dict[str, s
     return out
 
 
-
-
 def output_producers(pm: PreparedModel) -> dict[str, tuple[str, ...]]:
     """tensor -> the layers whose output QuantizeLinear is that tensor's: a layer's output, or the
     output of the removable activations (Relu, Clip) that are its only consumers. onnxruntime fuses
