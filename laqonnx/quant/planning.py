@@ -366,7 +366,17 @@ def plan_model(
     else:
         result = None
     plan, lowered, qps = built[kept]
-    notes = list(calibration.notes) + range_notes(space, plan)
+    refit = None
+    if space.adaround.sequential and plan.rounded:  # the chosen adaptive layers, re-fitted on the quantized inputs
+        from .refit import refit_rounding
+
+        t = time.perf_counter()
+        done = refit_rounding(pm, plan, lowered, qps, calibration.data, calibration.data.pairs(options.metric_examples),
+                              config, space.adaround, progress=progress)
+        if done is not None:
+            (refit, lowered), plan = done, done[0].plan
+        timings["refit"] = time.perf_counter() - t
+    notes = list(calibration.notes) + range_notes(space, plan) + ([refit.note()] if refit is not None else [])
     if result is not None and kept != config.objective:
         notes.append(f"the guard kept the {kept} plan: its measured calibration loss {result.losses[kept]:.4g} is below "
                      f"the {config.objective} plan's {result.losses[config.objective]:.4g}")

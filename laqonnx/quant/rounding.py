@@ -39,7 +39,10 @@ class AdaRoundConfig:
     """``iterations`` (at most), minibatch of ``batch`` examples, Adam ``lr``, regulariser weight
     ``reg`` (relative to the nearest-rounding error), ``warmup`` fraction without it, ``beta``
     annealed from ``beta_start`` to ``beta_end``; the hard error is checked every ``check_every``
-    steps and training stops after ``patience`` checks without improvement (once past warm-up)."""
+    steps and training stops after ``patience`` checks without improvement (once past warm-up).
+    ``sequential``: once a plan is chosen, re-fit its adaptive layers in order on the inputs the
+    partly quantized model gives them (:mod:`laqonnx.quant.refit`), kept where the measured
+    calibration loss does not rise."""
 
     iterations: int = 400
     batch: int = 32
@@ -51,6 +54,7 @@ class AdaRoundConfig:
     check_every: int = 25
     patience: int = 4
     seed: int = 0
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch", "check_every", "patience"):
@@ -83,9 +87,12 @@ def _broadcast(qp: QParams, ndim: int):
 
 
 def adaptive_round(layer: Layer, w: np.ndarray, qp: QParams, activations: np.ndarray, config: AdaRoundConfig = AdaRoundConfig(),
-                   *, progress=None) -> Rounded:
+                   *, target_inputs: np.ndarray | None = None, progress=None) -> Rounded:
     """Learn the rounding of ``w`` (layer ``layer``, qparams ``qp``, zero point 0) on the layer's
-    input ``activations`` (``(N, ...)``, clean and adversarial together)."""
+    input ``activations`` (``(N, ...)``, clean and adversarial together). The target is the float
+    layer's output on ``target_inputs`` (default: the same activations); given the float model's
+    inputs while ``activations`` are the quantized model's, the rounding also makes up for the
+    error upstream layers pass on."""
     import torch
 
     from .sensitivity import _linear_part
@@ -101,8 +108,10 @@ def adaptive_round(layer: Layer, w: np.ndarray, qp: QParams, activations: np.nda
     lo, hi = float(qp.qmin), float(qp.qmax)
     nearest_up = (torch.round(wt / scale) - base).clamp(0, 1)  # round half to even, as QuantizeLinear
     a = torch.from_numpy(np.array(activations, dtype=np.float32))
+    if target_inputs is not None and np.shape(target_inputs) != np.shape(activations):
+        raise ValueError(f"target inputs of shape {np.shape(target_inputs)} for activations of shape {np.shape(activations)}")
     with torch.no_grad():
-        target = fn(a, wt)
+        target = fn(a if target_inputs is None else torch.from_numpy(np.array(target_inputs, dtype=np.float32)), wt)
 
     def hard(up: torch.Tensor) -> torch.Tensor:
         return torch.clamp(base + up, lo, hi) * scale

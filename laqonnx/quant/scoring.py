@@ -62,13 +62,18 @@ def _effective_qparams(qp: QParams, shape: Sequence[int], channel_axis: int) -> 
 
 def layer_inputs(pm: PreparedModel, x: np.ndarray, tensors) -> dict[str, np.ndarray]:
     """The float model's values of ``tensors`` on inputs ``x`` (onnxruntime, in chunks of a fixed batch)."""
+    return model_values(pm.model, pm.input_name, x, tensors, getattr(pm, "fixed_batch", None))
+
+
+def model_values(model, input_name: str, x: np.ndarray, tensors, fixed_batch: int | None = None) -> dict[str, np.ndarray]:
+    """The values of ``tensors`` in ``model`` (float or QDQ) on inputs ``x``, through onnxruntime."""
     from ..graph import with_outputs
     from .guard import OrtRunner
 
-    wanted = [t for t in dict.fromkeys(tensors) if t != pm.input_name]
-    out: dict[str, np.ndarray] = {pm.input_name: x} if pm.input_name in tensors else {}
+    wanted = [t for t in dict.fromkeys(tensors) if t != input_name]
+    out: dict[str, np.ndarray] = {input_name: x} if input_name in tensors else {}
     if wanted:
-        runner = OrtRunner(with_outputs(pm.model, wanted), pm.input_name, getattr(pm, "fixed_batch", None))
+        runner = OrtRunner(with_outputs(model, wanted), input_name, fixed_batch)
         step = runner.step
         parts: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
         for i in range(0, len(x), step):
@@ -76,7 +81,7 @@ def layer_inputs(pm: PreparedModel, x: np.ndarray, tensors) -> dict[str, np.ndar
             n = len(chunk)
             if runner.fixed and n < step:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
-            for t, v in zip(wanted, runner.session.run(wanted, {pm.input_name: chunk})):
+            for t, v in zip(wanted, runner.session.run(wanted, {input_name: chunk})):
                 parts[t].append(v[:n])
         out.update({t: np.concatenate(v) for t, v in parts.items()})
     return out
