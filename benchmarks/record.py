@@ -420,7 +420,9 @@ def main() -> int:
         command = "python benchmarks/record.py " + " ".join(sys.argv[1:])
         runs = meta.get("invocations", []) + [{"command": command, "started": _now(), "load_start": _load(), "git": _git()}]
         seeds = sorted(set(before.get("seeds", [])) | set(o["seeds"]))
-        meta = {"command": command, "cells_dir": name, "summary": f"{name}.json", "settings": {**o, "seeds": seeds},
+        methods_all = list(dict.fromkeys([*before.get("methods", []), *o["methods"]]))  # a re-run of some methods keeps the rest
+        meta = {"command": command, "cells_dir": name, "summary": f"{name}.json",
+                "settings": {**o, "seeds": seeds, "methods": methods_all},
                 "machine": _machine(), "started": runs[0]["started"], "load_start": runs[0]["load_start"],
                 "invocations": runs}
         atomic_write_json(meta_path, meta)
