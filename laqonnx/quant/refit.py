@@ -93,26 +93,24 @@ def refit_rounding(pm: PreparedModel, plan: Plan, lowered: onnx.ModelProto, qpar
         layer = pm.layer(lp.name)
         node = by_name.get(lp.name)  # the lowering keeps node names (a Gemm becomes a MatMul of the same name)
         found = None if node is None else _weight_initializer(lowered, node, layer.weight_shape)
-        if found is not None:
-            todo.append((lp, layer, node.name, found[0]))
+        if found is not None:  # (plan layer, layer, its input in the lowered graph, weight initializer, transposed)
+            todo.append((lp, layer, node.input[1 - found[0]], found[1].name, found[2]))
     if not todo:
         return None
     x = data.clean if data.adversarial is None else np.concatenate([data.clean, data.adversarial])
-    float_in = model_values(pm.model, pm.input_name, x, [layer.input for _, layer, _, _ in todo], getattr(pm, "fixed_batch", None))
+    float_in = model_values(pm.model, pm.input_name, x, [layer.input for _, layer, *_ in todo], getattr(pm, "fixed_batch", None))
     work = copy.deepcopy(lowered)
+    inits = {i.name: i for i in work.graph.initializer}
     rounded = dict(plan.rounded)
     errors: dict[str, tuple[float, float]] = {}
     bar = tqdm(total=len(todo), desc="adaptive rounding, in order", unit="layer", disable=not progress, leave=False)
-    for lp, layer, node_name, k in todo:
+    for lp, layer, act, init_name, transposed in todo:
         bar.set_postfix_str(layer.name[-24:])
-        node = next(n for n in work.graph.node if n.name == node_name)
-        act = node.input[1 - k]
         q_in = model_values(work, pm.input_name, x, [act], getattr(pm, "fixed_batch", None))[act]
         r = adaptive_round(layer, pm.weight(layer), qparams[lp.weight], q_in, adaround, target_inputs=float_in[layer.input])
         rounded[lp.weight] = r.q
         errors[lp.name] = (r.error_nearest, r.error_adaptive)
-        _, init, transposed = _weight_initializer(work, node, layer.weight_shape)
-        _set_integers(init, r.q, transposed)
+        _set_integers(inits[init_name], r.q, transposed)
         bar.update(1)
     bar.close()
     entries = {e.name: e.loss for e in guard({"independent": lowered, "sequential": work}, pm.model, pm.input_name,
