@@ -115,7 +115,8 @@ def main() -> int:
                     secs = time.perf_counter() - t
                 else:
                     p = subprocess.run([args.quark_python, str(tmp / "quark_run.py"), str(zoo.path), str(out),
-                                        str(tmp / "calib.npz")], capture_output=True, text=True, cwd=tmp)  # Quark writes quantized_info.csv into its cwd
+                                        str(tmp / "calib.npz")], capture_output=True, text=True,
+                                       cwd=tmp)  # Quark writes quantized_info.csv into its cwd
                     if p.returncode != 0:
                         print(p.stderr[-3000:], file=sys.stderr)
                         return 1
