@@ -111,7 +111,7 @@ class ObjectiveConfig:
     """``objective``; the threat model (``eps`` in input units, ``norm``); ``adversarial_weight`` of
     the adversarial term in ``laq``; ``metric_examples``: clean calibration examples (and as many
     paired adversarial ones) on which the terms are measured; ``projections`` (None: exact logits up
-    to 16 classes, else 8 random projections); ``seed``."""
+    to 16 classes, else 2 random projections per example); ``seed``."""
 
     objective: str = "laq"
     eps: float = 8 / 255
