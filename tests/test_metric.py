@@ -293,6 +293,11 @@ def test_generated_adversarial_examples_stay_in_the_threat_model_and_the_input_r
         z, za = mirror(torch.from_numpy(x)), mirror(torch.from_numpy(xa))
     y = z.argmax(1)
     assert (za.argmax(1) == y).float().mean() < (z.argmax(1) == y).float().mean()  # the attack flips some
+    # the steps run in smaller batches than the random starts are drawn in: every example's steps
+    # depend on its own gradient only, so one example at a time gives the same examples
+    xs = pgd_examples(mirror, x, eps, norm, (0.0, 1.0), Generated(steps=10), batch_size=64, step_batch=1)
+    assert np.mean(np.isclose(xs, xa, atol=1e-6)) > 0.999
+    assert not np.allclose(pgd_examples(mirror, x, eps, norm, (0.0, 1.0), Generated(steps=10, seed=1)), xa, atol=1e-3)
 
 
 @pytest.mark.parametrize("kwargs", [dict(objective="bogus"), dict(norm="1"), dict(eps=-1.0), dict(adversarial_weight=-1),
