@@ -82,6 +82,7 @@ def pgd_examples(mirror: Any, x: np.ndarray, eps: float, norm: str, input_range:
     lo, hi = float(input_range[0]), float(input_range[1])
     step = 2.5 * eps / config.steps
     gen = torch.Generator().manual_seed(config.seed)
+    step_batch = max(1, step_batch)
     out = []
     for i in range(0, len(x), batch_size):
         xs = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))
@@ -90,8 +91,8 @@ def pgd_examples(mirror: Any, x: np.ndarray, eps: float, norm: str, input_range:
         else:
             r = torch.randn(xs.shape, generator=gen)
             starts = r / r.reshape(len(xs), -1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (xs.dim() - 1)) * eps
-        for j in range(0, len(xs), max(1, step_batch)):
-            xb = xs[j:j + max(1, step_batch)]
+        for j in range(0, len(xs), step_batch):
+            xb = xs[j:j + step_batch]
             with torch.no_grad():
                 y = mirror(xb).reshape(len(xb), -1).argmax(1)
             delta = _project(starts[j:j + len(xb)], xb, eps, norm, lo, hi)

@@ -24,10 +24,10 @@ drawn afresh for every calibration example (unbiased; the same rows for every ca
 the two points of an adversarial pair, so candidates are compared on common projections). Each
 projection is one backward pass of the mirror. A weight candidate then costs either one
 application of the layer to its input (``T[dW] a``, contracted with the gradient at its output),
-or, when a layer has more candidates than projections, nothing beyond one per-example weight
-gradient per projection, ``G = d(u_k . f)/dW``, since ``u_k . J T[dW] a = <dW, G>``: the two give
-the same terms, the second at a cost independent of the number of candidates. An activation
-candidate costs an elementwise product (:func:`_use_gradient` picks the cheaper per layer). Cross terms between layers are left out (independent
+or nothing beyond one per-example weight gradient per projection, ``G = d(u_k . f)/dW``, since
+``u_k . J T[dW] a = <dW, G>``: the two give the same terms, the second at a cost independent of
+the number of candidates (:func:`_use_gradient` picks the cheaper per layer). An activation
+candidate costs an elementwise product. Cross terms between layers are left out (independent
 errors add in variance), which makes the whole-model prediction a sum of per-layer terms.
 """
 
@@ -54,7 +54,7 @@ class SensitivityConfig:
     :data:`RANDOM_PROJECTIONS` random rows); ``memory_bytes``: bound on the gradients retained for
     one chunk of examples; ``seed``: of the random rows; ``weight_gradients``: measure the weight
     candidates through per-example weight gradients (True), by applying each candidate (False), or
-    whichever is cheaper per layer (None: gradients when it has more candidates than projections)."""
+    whichever is cheaper per layer (None: :func:`_use_gradient`'s cost rule)."""
 
     projections: int | None = None
     memory_bytes: int = 256 << 20
