@@ -136,6 +136,9 @@ def test_weight_gradient_contraction_equals_applying_each_candidate(case, layer,
     out = fn(a, dw[0])
     g = torch.from_numpy(rng.normal(0, 1, (2, *out.shape)).astype(np.float32))
     want = torch.einsum("sbn,kbn->skb", torch.stack([fn(a, d) for d in dw]).flatten(2), g.flatten(2))
+    direct = sensitivity._conv_weight_gradient(torch, layer)
+    assert (direct is not None) == (layer.op_type == "Conv")
     for memory in (1 << 30, 1):  # one group of examples; one example per group
-        got = sensitivity._by_weight_gradient(torch, fn, a, g, dw, memory)
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+        for how in (None, direct):  # autograd through the layer; a Conv's weight gradient without its forward
+            got = sensitivity._by_weight_gradient(torch, fn, a, g, dw, memory, how)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)

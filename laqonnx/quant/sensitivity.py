@@ -164,10 +164,34 @@ def _use_gradient(forced: bool | None, candidates: int, projections: int, layer:
     return projections * (positions + 1024) < candidates * positions
 
 
-def _by_weight_gradient(torch, fn, a, g, dw, memory_bytes: int):
+def _conv_weight_gradient(torch, layer: Layer):
+    """For a Conv: ``(a, g) -> dW`` of ``sum g . conv_W(a)`` for one example (batch of 1) without the
+    forward pass autograd would run first (None for other layers)."""
+    if layer.op_type != "Conv":
+        return None
+    from ..lipschitz.maps import _conv_geometry
+
+    F = torch.nn.functional
+    nd, begin, end, strides, dil, _, kw = _conv_geometry(layer)
+    flat = [p for i in reversed(range(nd)) for p in (begin[i], end[i])]
+    shape = tuple(layer.weight_shape)
+
+    def weight_gradient(a, g, w):
+        if begin != end:
+            a, padding = F.pad(a, flat), [0] * nd
+        else:
+            padding = list(begin)
+        return torch.ops.aten.convolution_backward(g, a, w, None, list(strides), padding, list(dil), False, [0] * nd,
+                                                   kw["groups"], [False, True, False])[1].reshape(shape)
+
+    return weight_gradient
+
+
+def _by_weight_gradient(torch, fn, a, g, dw, memory_bytes: int, direct=None):
     """``(S, K, B)``: ``<dW_s, G_kb>`` with ``G_kb`` the weight gradient of ``g_kb . T_W(a_b)`` for
     every example ``b`` and projection ``k`` (equal to ``g_kb . T[dW_s](a_b)``: ``T`` is linear in
-    ``W``), in groups of examples whose gradients fit ``memory_bytes``."""
+    ``W``), in groups of examples whose gradients fit ``memory_bytes``; ``direct``: the layer's
+    :func:`_conv_weight_gradient`, if it has one (else autograd through ``fn``)."""
     from torch.func import grad, vmap
 
     w = torch.zeros_like(dw[0])
@@ -175,7 +199,11 @@ def _by_weight_gradient(torch, fn, a, g, dw, memory_bytes: int):
     def response(w, a1, g1):
         return (fn(a1[None], w)[0] * g1).sum()
 
-    per_example = vmap(vmap(grad(response), in_dims=(None, 0, 0)), in_dims=(None, None, 0))  # (K, B, *W)
+    if direct is not None:
+        one = lambda w, a1, g1: direct(a1[None], g1[None], w)  # noqa: E731
+    else:
+        one = grad(response)
+    per_example = vmap(vmap(one, in_dims=(None, 0, 0)), in_dims=(None, None, 0))  # (K, B, *W)
     flat = dw.reshape(dw.shape[0], -1)
     step = max(1, memory_bytes // max(1, 4 * g.shape[0] * flat.shape[1]))
     parts = []
@@ -215,6 +243,7 @@ def mirror_sensitivities(
     from tqdm.auto import tqdm
 
     fns = {layer.name: _linear_part(torch, layer) for layer in layers}
+    direct = {layer.name: _conv_weight_gradient(torch, layer) for layer in layers}
     deltas = {name: torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)) for name, d in weight_deltas.items()}
     params = {t: torch.from_numpy(np.asarray(p, dtype=np.float32)) for t, p in act_params.items()}
     keep = set(params) | {layer.output for layer in layers} | {layer.input for layer in layers}
@@ -245,7 +274,8 @@ def mirror_sensitivities(
                 if dw.shape[0] == 0:  # only float settings: nothing to measure
                     pw[layer.name] = torch.zeros((0, k, a.shape[0]))
                 elif _use_gradient(config.weight_gradients, dw.shape[0], k, layer, g[layer.output]):
-                    pw[layer.name] = _by_weight_gradient(torch, fns[layer.name], a, g[layer.output], dw, config.memory_bytes)
+                    pw[layer.name] = _by_weight_gradient(torch, fns[layer.name], a, g[layer.output], dw, config.memory_bytes,
+                                                         direct[layer.name])
                 else:
                     d = torch.stack([fns[layer.name](a, dw[s]) for s in range(dw.shape[0])])  # (S, B, ...)
                     pw[layer.name] = torch.einsum("sbn,kbn->skb", d.flatten(2), g[layer.output].flatten(2))
