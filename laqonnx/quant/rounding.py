@@ -42,7 +42,9 @@ class AdaRoundConfig:
     steps and training stops after ``patience`` checks without improvement (once past warm-up).
     ``sequential``: once a plan is chosen, re-fit its adaptive layers in order on the inputs the
     partly quantized model gives them (:mod:`laqonnx.quant.refit`), kept where the measured
-    calibration loss does not rise."""
+    calibration loss does not rise. ``gram``: fit a 2-D Conv through its input Gram matrix (exact
+    full-data steps, :mod:`laqonnx.quant.rounding_gram`): True, False, or None (where its cost rule
+    says it is cheaper and the minibatch fit is expensive)."""
 
     iterations: int = 400
     batch: int = 32
@@ -55,6 +57,7 @@ class AdaRoundConfig:
     patience: int = 4
     seed: int = 0
     sequential: bool = True
+    gram: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch", "check_every", "patience"):
@@ -63,6 +66,8 @@ class AdaRoundConfig:
                 raise OptionError(f"adaptive rounding {name} must be a positive int, got {v!r}")
         if not (self.lr > 0 and self.reg >= 0 and 0 <= self.warmup < 1 and self.beta_start >= self.beta_end > 0):
             raise OptionError("adaptive rounding needs lr > 0, reg >= 0, 0 <= warmup < 1 and beta_start >= beta_end > 0")
+        if self.gram not in (None, True, False):
+            raise OptionError(f"adaptive rounding gram must be None, True or False, got {self.gram!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +100,7 @@ def adaptive_round(layer: Layer, w: np.ndarray, qp: QParams, activations: np.nda
     error upstream layers pass on."""
     import torch
 
+    from .rounding_gram import build_gram, use_gram
     from .sensitivity import _linear_part
 
     if np.any(np.asarray(qp.zero_point) != 0):
@@ -110,13 +116,26 @@ def adaptive_round(layer: Layer, w: np.ndarray, qp: QParams, activations: np.nda
     a = torch.from_numpy(np.array(activations, dtype=np.float32))
     if target_inputs is not None and np.shape(target_inputs) != np.shape(activations):
         raise ValueError(f"target inputs of shape {np.shape(target_inputs)} for activations of shape {np.shape(activations)}")
-    with torch.no_grad():
-        target = fn(a if target_inputs is None else torch.from_numpy(np.array(target_inputs, dtype=np.float32)), wt)
+    inputs = None if target_inputs is None else torch.from_numpy(np.array(target_inputs, dtype=np.float32))
+    gram = None
+    if use_gram(config.gram, layer, tuple(a.shape), config.iterations, config.batch):
+        const = 0.0
+        if inputs is not None:  # the float weights' own error on these inputs
+            with torch.no_grad():
+                const = sum(float(((fn(a[i:i + 64], wt) - fn(inputs[i:i + 64], wt)).double() ** 2).sum())
+                            for i in range(0, len(a), 64))
+        gram = build_gram(torch, layer, a, wt, inputs, const)
+        h32 = gram.h.float()
+    else:
+        with torch.no_grad():
+            target = fn(a if inputs is None else inputs, wt)
 
     def hard(up: torch.Tensor) -> torch.Tensor:
         return torch.clamp(base + up, lo, hi) * scale
 
     def error(wq: torch.Tensor) -> float:
+        if gram is not None:
+            return gram.error(wq, wt)
         with torch.no_grad():
             return float(((fn(a, wq) - target) ** 2).sum() / len(a))
 
@@ -134,7 +153,10 @@ def adaptive_round(layer: Layer, w: np.ndarray, qp: QParams, activations: np.nda
         idx = torch.randint(0, len(a), (min(config.batch, len(a)),), generator=gen)
         h = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
         soft = torch.clamp(base + h, lo, hi) * scale
-        loss = ((fn(a[idx], soft) - target[idx]) ** 2).sum() / len(idx)
+        if gram is not None:  # every row, exactly (the random stream still advances: same seeds elsewhere)
+            loss = gram.surrogate(soft, wt, h32)
+        else:
+            loss = ((fn(a[idx], soft) - target[idx]) ** 2).sum() / len(idx)
         if it >= warm:
             t = (it - warm) / max(1, config.iterations - warm)
             beta = config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1 + math.cos(math.pi * t))
