@@ -119,12 +119,7 @@ def adaptive_round(layer: Layer, w: np.ndarray, qp: QParams, activations: np.nda
     inputs = None if target_inputs is None else torch.from_numpy(np.array(target_inputs, dtype=np.float32))
     gram = None
     if use_gram(config.gram, layer, tuple(a.shape), config.iterations, config.batch):
-        const = 0.0
-        if inputs is not None:  # the float weights' own error on these inputs
-            with torch.no_grad():
-                const = sum(float(((fn(a[i:i + 64], wt) - fn(inputs[i:i + 64], wt)).double() ** 2).sum())
-                            for i in range(0, len(a), 64))
-        gram = build_gram(torch, layer, a, wt, inputs, const)
+        gram = build_gram(torch, layer, a, wt, inputs)
         h32 = gram.h.float()
     else:
         with torch.no_grad():
