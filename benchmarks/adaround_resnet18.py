@@ -86,7 +86,6 @@ def quantize_run(model: Path, out: Path, calib: Path) -> dict:
     import laqonnx
     import laqonnx.quant.refit as refit_mod
     import laqonnx.quant.rounding as rounding_mod
-    from laqonnx.quant.rounding_gram import use_gram
 
     fits: list[dict] = []
     original = rounding_mod.adaptive_round
@@ -95,8 +94,7 @@ def quantize_run(model: Path, out: Path, calib: Path) -> dict:
         t = time.perf_counter()
         r = original(layer, w, qp, activations, config, **kw)
         fits.append({"layer": layer.name, "seconds": time.perf_counter() - t, "steps": r.steps,
-                     "path": "gram" if use_gram(config.gram, layer, np.shape(activations), config.iterations, config.batch)
-                     else "minibatch", "refit": "target_inputs" in kw and kw["target_inputs"] is not None,
+                     "path": "gram" if r.gram else "minibatch", "refit": "target_inputs" in kw and kw["target_inputs"] is not None,
                      "error_nearest": r.error_nearest, "error_adaptive": r.error_adaptive})
         return r
 

@@ -78,6 +78,7 @@ class Rounded:
     error_nearest: float  # E ||T_{W_nearest}(a) - T_W(a)||^2 on the activations
     error_adaptive: float  # the same with the returned rounding (<= error_nearest)
     steps: int
+    gram: bool = False  # fitted through the input Gram matrix (laqonnx.quant.rounding_gram)
 
 
 def _broadcast(qp: QParams, ndim: int):
@@ -145,12 +146,12 @@ def adaptive_round(layer: Layer, w: np.ndarray, qp: QParams, activations: np.nda
     warm = int(config.warmup * config.iterations)
     stale, steps = 0, 0
     for it in range(config.iterations):
-        idx = torch.randint(0, len(a), (min(config.batch, len(a)),), generator=gen)
         h = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
         soft = torch.clamp(base + h, lo, hi) * scale
-        if gram is not None:  # every row, exactly (the random stream still advances: same seeds elsewhere)
+        if gram is not None:  # every row, exactly
             loss = gram.surrogate(soft, wt, h32)
         else:
+            idx = torch.randint(0, len(a), (min(config.batch, len(a)),), generator=gen)
             loss = ((fn(a[idx], soft) - target[idx]) ** 2).sum() / len(idx)
         if it >= warm:
             t = (it - warm) / max(1, config.iterations - warm)
@@ -173,4 +174,4 @@ def adaptive_round(layer: Layer, w: np.ndarray, qp: QParams, activations: np.nda
                 if stale >= config.patience:
                     break
     q = torch.clamp(base + best_up, lo, hi).numpy().astype(qp.storage_dtype)
-    return Rounded(q, err_nearest, best_err, steps)
+    return Rounded(q, err_nearest, best_err, steps, gram is not None)
