@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from laqonnx._util.io import atomic_write_json, atomic_write_text  # noqa: E402
+from peers import PEERS, PeerUnavailable, quantize_peer  # noqa: E402  (benchmarks/peers.py)
 
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
@@ -45,7 +46,7 @@ REGIMES: dict[str, tuple[str, ...]] = {
     "W8A8": ("ort-minmax-pc", "mse-int8", "lipschitz-int8", "laq-int8"),
     "mixed": ("ort-mixed", "mse-mixed", "lipschitz-mixed", "mse-mixed-ada", "lipschitz-mixed-ada", "laq-mixed-ada"),
     "int4": ("ort-int4", "uniform-int4-ada", "mse-int4", "lipschitz-int4", "mse-int4-ada", "lipschitz-int4-ada",
-             "laq-int4", "laq-int4-ada"),
+             "laq-int4", "laq-int4-ada", "aimet-int4-ada"),
     "W4A4": ("ort-w4a4", "mse-w4a4", "mse-w4a4-ada", "laq-w4a4-ada"),
 }
 PRODUCT = {"W8A8": "laq-int8", "mixed": "laq-mixed-ada", "int4": "laq-int4-ada", "W4A4": "laq-w4a4-ada"}
@@ -110,12 +111,16 @@ def run_model(dataset: str, arch: str, training: str, seed: int, o: dict[str, An
     src = open_data(dataset, input_shape=load_model(zoo.path).input_shape, split="test", limit=o["examples"])
     x = np.concatenate([b for b, _ in src.batches(256)]).astype(np.float32)
     ref_pred = None
-    attacks = list(o["attacks"]) + (["square"] if seed in o["square_seeds"] else [])
+    square = seed in o["square_seeds"]
     paths: dict[str, Path] = {}
 
     def quantized(m: str) -> tuple[Path, dict[str, Any] | None]:
         if m in paths:
             return paths[m], None
+        if m in PEERS:  # another project's quantizer, in its own environment (benchmarks/peers.py)
+            info = quantize_peer(m, zoo.path, work, dataset, o["calib_limit"], o["aimet_python"])
+            paths[m] = Path(info["path"])
+            return paths[m], info
         q = quantize_method(m, ctx)
         paths[m] = q.path
         return q.path, q.to_json()
@@ -127,12 +132,17 @@ def run_model(dataset: str, arch: str, training: str, seed: int, o: dict[str, An
             cell = cells / (f"{m}.json" if eps == o["eps"] else f"{m}@{eps:g}.json")
             if cell.exists():
                 continue
-            path, qinfo = quantized(m)
+            try:
+                path, qinfo = quantized(m)
+            except PeerUnavailable as exc:
+                print(f"[{_now()}] {key} {m}: skipped ({exc})", flush=True)
+                break
             if qinfo is None:  # quantized earlier in this run for the other eps: reuse its record
                 qinfo = (_read(cells / f"{m}.json") or {}).get("quantize")
             if ref_pred is None:
                 ref_pred = _predict(zoo.path, x)
             t1 = time.perf_counter()
+            attacks = list(o["attacks"]) + (["square"] if square and m in o["square_methods"] else [])
             ev = evaluate(str(path), dataset, eps, preset=o["preset"], attacks=attacks, reference=str(zoo.path),
                           limit=o["examples"], latency=False, sweep=False, seed=seed, progress=False,
                           engine=Ray(address=o["ray"]) if o.get("ray") else LOCAL).models[0]
@@ -202,13 +212,15 @@ def _row(rows: list[dict[str, Any]], ds: str, arch: str, tr: str, m: str, eps: f
 
 def goals(rows: list[dict[str, Any]], eps: float, claim1_eps: float | None) -> dict[str, Any]:
     """The issue's goals and the paper's two claims, judged from the medians."""
-    out: dict[str, Any] = {"claim2": [], "rounding": [], "claim1": []}
+    out: dict[str, Any] = {"claim2": [], "rounding": [], "claim1": [], "peers": []}
     models = sorted({(r["dataset"], r["arch"]) for r in rows})
     for ds, arch in models:
         f = _row(rows, ds, arch, "pgd", "float", eps)
         for regime, methods in REGIMES.items():
             prod = _row(rows, ds, arch, "pgd", PRODUCT[regime], eps)
-            alts = [r for m in methods if not m.startswith("laq") and (r := _row(rows, ds, arch, "pgd", m, eps))]
+            # alternatives measured on the product's seeds (a peer run on fewer seeds is compared pairwise below)
+            alts = [r for m in methods if not m.startswith("laq") and (r := _row(rows, ds, arch, "pgd", m, eps))
+                    and prod and r["seeds"] == prod["seeds"]]
             if not prod or not alts or not f:
                 continue
             best = max(alts, key=lambda r: r["robust"])
@@ -226,6 +238,25 @@ def goals(rows: list[dict[str, Any]], eps: float, claim1_eps: float | None) -> d
                 "clean": ada["clean"], "float_clean": f["clean"], "plus2": ada["robust"] - ort4["robust"] >= 0.02 - 1e-9,
                 "within1_float": ada["robust"] >= f["robust"] - 0.01 - 1e-9,
                 "clean_ok": ada["clean"] >= f["clean"] - 0.01 - 1e-9})
+        for regime, methods in REGIMES.items():  # peers, paired with the product on the peer's own seeds
+            prod = _row(rows, ds, arch, "pgd", PRODUCT[regime], eps)
+            for m in (m for m in methods if m in PEERS):
+                peer = _row(rows, ds, arch, "pgd", m, eps)
+                if not (peer and prod and f):
+                    continue
+                seeds = [s for s in peer["seeds"] if str(s) in prod["per_seed"] and str(s) in f["per_seed"]]
+                ort = _row(rows, ds, arch, "pgd", f"ort-{regime.lower()}", eps)
+                per = {str(s): {"peer": peer["per_seed"][str(s)], "product": prod["per_seed"][str(s)],
+                                "float": f["per_seed"][str(s)],
+                                "ort": ort["per_seed"].get(str(s)) if ort else None} for s in seeds}
+                med = {k: _med([v[k]["robust"] for v in per.values() if v[k]]) for k in ("peer", "product", "float", "ort")}
+                cln = {k: _med([v[k]["clean"] for v in per.values() if v[k]]) for k in ("peer", "product", "float")}
+                out["peers"].append({
+                    "model": f"{ds}/{arch}", "regime": regime, "peer": m, "product": prod["method"], "seeds": seeds,
+                    "robust": med, "clean": cln, "per_seed": per, "peer_quant_s": peer["quant_s"],
+                    "product_quant_s": prod["quant_s"],
+                    "square_seeds": peer["square_seeds"],
+                    "delta_per_seed": {s: v["product"]["robust"] - v["peer"]["robust"] for s, v in per.items()}})
         for e in (eps, claim1_eps):
             if e is None:
                 continue
@@ -275,6 +306,7 @@ def _machines(meta: dict[str, Any]) -> str:
 def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], g: dict[str, Any], old: str) -> str:
     s = meta["settings"]
     cmd = " && ".join(i["command"] for i in meta.get("invocations") or [{"command": meta["command"]}])
+    second_eps = f"claim-1 cells also at ε = {s['claim1_eps']:g}" if s.get("claim1_eps") else "no second ε"
     L = ["# laqonnx benchmark record", "",
          f"Generated by `benchmarks/record.py` from the cells in `benchmarks/results/{meta['cells_dir']}/` "
          f"(summary: `benchmarks/results/{meta['summary']}`). Commands: `{cmd}`; `python benchmarks/record.py "
@@ -285,7 +317,7 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], g: dict[str, An
          f"{s['calib_limit']} for calibration), 1000 test, of which the first {s['examples']} are evaluated.",
          f"- Models: the zoo's CNN trained plain and with PGD (L∞ ε = {s['train_eps']:g}, Madry et al.), seeds "
          f"{', '.join(map(str, s['seeds']))}; medians over the seeds.",
-         f"- Threat: L∞ ε = {s['eps']:g} in [0, 1] pixel units (claim-1 cells also at ε = {s['claim1_eps']:g}). Robust "
+         f"- Threat: L∞ ε = {s['eps']:g} in [0, 1] pixel units ({second_eps}). Robust "
          f"accuracy = per-example worst case over {', '.join(s['attacks'])} (preset `{s['preset']}`) and, on seed(s) "
          f"{', '.join(map(str, s['square_seeds']))}, Square on onnxruntime itself (the `square` column says on which "
          "seeds it ran); every adversarial example is scored by onnxruntime on the quantized model.",
@@ -297,8 +329,11 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], g: dict[str, An
          "via TensorQuantOverrides); `mse-*` / `lipschitz-*` laqonnx with one term of the metric (ablations, no "
          "guard); `laq-*` the product (both terms, guarded); `-ada` adaptive rounding as a candidate "
          "(`--rounding auto`, the default); without it round-to-nearest; `uniform-int4-ada`: onnxruntime's "
-         "int4 settings with adaptive rounding forced. No peer's advanced PTQ (AMD Quark, Intel Neural "
-         "Compressor) is in this record: see the verdicts.", ""]
+         "int4 settings with adaptive rounding forced. Peers' advanced PTQ, each run in its own environment and "
+         "scored by the same evaluator (`benchmarks/peers.py`): "
+         + "; ".join(f"`{k}`: {v.what}" for k, v in PEERS.items())
+         + ". A peer run on fewer seeds than the product is compared with it pairwise, on its own seeds (below), "
+         "not in the medians of the claim-2 table.", ""]
     for ds, arch in sorted({(r["dataset"], r["arch"]) for r in rows}):
         for tr in ("none", "pgd"):
             sub = [r for r in rows if (r["dataset"], r["arch"], r["training"]) == (ds, arch, tr)]
@@ -333,6 +368,20 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], g: dict[str, An
     for e in g["rounding"]:
         L.append(f"| {e['model']} | {_p(e['laq_int4_ada'])} | {_p(e['ort_int4'])} | {_p(e['float'])} | {_yes(e['plus2'])} | "
                  f"{_yes(e['within1_float'])} | {_p(e['clean'])} ({_p(e['float_clean'])}) | {_yes(e['clean_ok'])} |")
+    if g.get("peers"):
+        L += ["", "## Peers' advanced PTQ, paired with the product on the peer's seeds (PGD-trained)", "",
+              "Medians over the seeds both ran on; Δ = product − peer, per seed.", "",
+              "| model | regime | peer | seeds | peer robust % | product robust % | onnxruntime robust % | float robust % | "
+              "Δ per seed | clean % peer / product / float | quantize s peer / product | Square on seed |",
+              "|---|---|---|---|---:|---:|---:|---:|---|---|---|---|"]
+        for e in g["peers"]:
+            r, c = e["robust"], e["clean"]
+            L.append(f"| {e['model']} | {e['regime']} | {e['peer']} vs {e['product']} | {','.join(map(str, e['seeds']))} | "
+                     f"{_p(r['peer'])} | {_p(r['product'])} | {_p(r['ort'])} | {_p(r['float'])} | "
+                     f"{' / '.join(_p(v, True) for v in e['delta_per_seed'].values())} | "
+                     f"{_p(c['peer'])} / {_p(c['product'])} / {_p(c['float'])} | "
+                     f"{_f(e['peer_quant_s'], '.1f')} / {_f(e['product_quant_s'], '.1f')} | "
+                     f"{','.join(map(str, e['square_seeds'])) or '—'} |")
     L += ["", "## Claim 1: do PGD-trained models lose more robust accuracy under PTQ than plain ones?", "",
           "Loss = float robust − quantized robust (points; positive = lost), medians over seeds.", "",
           "| model | method | ε | plain: float → loss | PGD: float → loss | PGD loses more |", "|---|---|---:|---:|---:|---|"]
@@ -386,6 +435,10 @@ def main() -> int:
     ap.add_argument("--train-eps", type=float, default=0.3, help="PGD training eps (default 0.3)")
     ap.add_argument("--attacks", default="fgsm,pgd,apgd-ce,transfer", help="attacks on every seed (default fgsm,pgd,apgd-ce,transfer)")
     ap.add_argument("--square-seeds", default="0", help="seeds whose cells add the Square attack (default 0)")
+    ap.add_argument("--square-methods", default=None, help="methods whose cells on --square-seeds add Square (default all)")
+    ap.add_argument("--aimet-python", default="/work/aenv/bin/python",
+                    help="python of AIMET's own environment, for the aimet-int4-ada cells (benchmarks/aimet_int4.py "
+                         "says how to make it; cells are skipped without it)")
     ap.add_argument("--preset", default="quick", help="laqonnx.evaluate attack preset (default quick)")
     ap.add_argument("--calib-limit", type=int, default=256, help="calibration digits (default 256)")
     ap.add_argument("--mixed-bits", type=float, default=6.0, help="nominal budget of the uniform int4 rule (default 6)")
@@ -418,6 +471,7 @@ def main() -> int:
     o = {"cells": str(cells), "work": str(a.work / name), "eps": a.eps, "claim1_eps": a.claim1_eps or None,
          "train_eps": a.train_eps, "preset": a.preset, "examples": a.examples or (100 if a.quick else 500),
          "attacks": tuple(_csv(a.attacks)), "square_seeds": [int(v) for v in _csv(a.square_seeds)],
+         "square_methods": tuple(_csv(a.square_methods)) if a.square_methods else methods, "aimet_python": a.aimet_python,
          "calib_limit": a.calib_limit, "mixed_bits": a.mixed_bits, "methods": methods, "latency": not a.no_latency,
          "latency_runs": a.latency_runs, "seeds": [int(v) for v in _csv(a.seeds or ("0" if a.quick else "0,1,2"))],
          "training": _csv(a.training), "dataset": "mnist", "arch": "cnn", "ray": a.ray}
@@ -438,7 +492,8 @@ def main() -> int:
         seeds = sorted(set(before.get("seeds", [])) | set(o["seeds"]))
         methods_all = list(dict.fromkeys([*before.get("methods", []), *o["methods"]]))  # a re-run of some methods keeps the rest
         meta = {"command": command, "cells_dir": name, "summary": f"{name}.json",
-                "settings": {**o, "seeds": seeds, "methods": methods_all},
+                "settings": {**o, "seeds": seeds, "methods": methods_all,
+                             "square_seeds": sorted(set(before.get("square_seeds", [])) | set(o["square_seeds"]))},
                 "machine": runs[0]["machine"], "started": runs[0]["started"], "load_start": runs[0]["load_start"],
                 "invocations": runs}
         atomic_write_json(meta_path, meta)
