@@ -44,11 +44,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 REGIMES: dict[str, tuple[str, ...]] = {
     "W8A8": ("ort-minmax-pc", "mse-int8", "lipschitz-int8", "laq-int8"),
-    "mixed": ("ort-mixed", "mse-mixed", "lipschitz-mixed", "mse-mixed-ada", "lipschitz-mixed-ada", "laq-mixed-ada"),
+    "mixed": ("ort-mixed", "mse-mixed", "lipschitz-mixed", "mse-mixed-ada", "lipschitz-mixed-ada", "laq-mixed-ada",
+              "laq-mixed-ada-rg"),
     "int4": ("ort-int4", "uniform-int4-ada", "mse-int4", "lipschitz-int4", "mse-int4-ada", "lipschitz-int4-ada",
-             "laq-int4", "laq-int4-ada", "aimet-int4-ada"),
-    "W4A4": ("ort-w4a4", "mse-w4a4", "mse-w4a4-ada", "laq-w4a4-ada"),
+             "laq-int4", "laq-int4-ada", "laq-int4-ada-rg", "aimet-int4-ada"),
+    "W4A4": ("ort-w4a4", "mse-w4a4", "mse-w4a4-ada", "laq-w4a4-ada", "laq-w4a4-ada-rg"),
 }
+# run on fewer seeds than the product (seeds 5-7, 2026-12-07): compared with it pairwise on their seeds
+PAIRED = {"aimet-int4-ada", "laq-mixed-ada-rg", "laq-int4-ada-rg", "laq-w4a4-ada-rg"}
 PRODUCT = {"W8A8": "laq-int8", "mixed": "laq-mixed-ada", "int4": "laq-int4-ada", "W4A4": "laq-w4a4-ada"}
 METHODS = ("float", *(m for ms in REGIMES.values() for m in ms))
 CLAIM1_METHODS = ("float", "ort-minmax-pc", "laq-int8", "ort-int4", "laq-int4-ada")
@@ -238,9 +241,9 @@ def goals(rows: list[dict[str, Any]], eps: float, claim1_eps: float | None) -> d
                 "clean": ada["clean"], "float_clean": f["clean"], "plus2": ada["robust"] - ort4["robust"] >= 0.02 - 1e-9,
                 "within1_float": ada["robust"] >= f["robust"] - 0.01 - 1e-9,
                 "clean_ok": ada["clean"] >= f["clean"] - 0.01 - 1e-9})
-        for regime, methods in REGIMES.items():  # peers, paired with the product on the peer's own seeds
+        for regime, methods in REGIMES.items():  # peers and variants, paired with the product on their own seeds
             prod = _row(rows, ds, arch, "pgd", PRODUCT[regime], eps)
-            for m in (m for m in methods if m in PEERS):
+            for m in (m for m in methods if m in PAIRED):
                 peer = _row(rows, ds, arch, "pgd", m, eps)
                 if not (peer and prod and f):
                     continue
@@ -369,10 +372,12 @@ def results_md(meta: dict[str, Any], rows: list[dict[str, Any]], g: dict[str, An
         L.append(f"| {e['model']} | {_p(e['laq_int4_ada'])} | {_p(e['ort_int4'])} | {_p(e['float'])} | {_yes(e['plus2'])} | "
                  f"{_yes(e['within1_float'])} | {_p(e['clean'])} ({_p(e['float_clean'])}) | {_yes(e['clean_ok'])} |")
     if g.get("peers"):
-        L += ["", "## Peers' advanced PTQ, paired with the product on the peer's seeds (PGD-trained)", "",
-              "Medians over the seeds both ran on; Δ = product − peer, per seed.", "",
-              "| model | regime | peer | seeds | peer robust % | product robust % | onnxruntime robust % | float robust % | "
-              "Δ per seed | clean % peer / product / float | quantize s peer / product | Square on seed |",
+        L += ["", "## Paired with the product on their own seeds: a peer's AdaRound, the robust guard (PGD-trained)", "",
+              "Methods run on fewer seeds than the product (`aimet-int4-ada`; `laq-*-ada-rg`, the product with "
+              "`--robust-guard`), each against the product on the same models. Medians over those seeds; "
+              "Δ = product − method, per seed (negative: the method is more robust).", "",
+              "| model | regime | method | seeds | method robust % | product robust % | onnxruntime robust % | float robust % | "
+              "Δ per seed | clean % method / product / float | quantize s method / product | Square on seed |",
               "|---|---|---|---|---:|---:|---:|---:|---|---|---|---|"]
         for e in g["peers"]:
             r, c = e["robust"], e["clean"]

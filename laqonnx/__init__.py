@@ -36,6 +36,7 @@ _API: dict[str, str] = {
     "FromData": "laqonnx.quant.adversarial",
     "Off": "laqonnx.quant.adversarial",
     "CandidateSpace": "laqonnx.quant.metric",
+    "RobustGuard": "laqonnx.quant.guard",
     "evaluate": "laqonnx.robustness.evaluate",
     "EvaluationReport": "laqonnx.robustness.evaluate",
     "Ray": "laqonnx.robustness.distributed",

@@ -70,8 +70,10 @@ def _project(delta, x, eps: float, norm: str, lo: float, hi: float):
 
 
 def pgd_examples(mirror: Any, x: np.ndarray, eps: float, norm: str, input_range: tuple[float, float],
-                 config: Generated = Generated(), batch_size: int = 64, step_batch: int = 16) -> np.ndarray:
-    """PGD examples of ``x`` on ``mirror`` (the float model) against its own top-1 predictions.
+                 config: Generated = Generated(), batch_size: int = 64, step_batch: int = 16,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+    """PGD examples of ``x`` on ``mirror`` (the float model) against its own top-1 predictions
+    (or against ``labels``, one class per example).
 
     The random starts are drawn per ``batch_size`` examples; the steps run on ``step_batch`` of them
     at a time (each example's steps depend on its own gradient only: the sign or norm of a batch-mean
@@ -93,8 +95,11 @@ def pgd_examples(mirror: Any, x: np.ndarray, eps: float, norm: str, input_range:
             starts = r / r.reshape(len(xs), -1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (xs.dim() - 1)) * eps
         for j in range(0, len(xs), step_batch):
             xb = xs[j:j + step_batch]
-            with torch.no_grad():
-                y = mirror(xb).reshape(len(xb), -1).argmax(1)
+            if labels is not None:
+                y = torch.as_tensor(np.asarray(labels[i + j:i + j + len(xb)]), dtype=torch.long)
+            else:
+                with torch.no_grad():
+                    y = mirror(xb).reshape(len(xb), -1).argmax(1)
             delta = _project(starts[j:j + len(xb)], xb, eps, norm, lo, hi)
             for _ in range(config.steps):
                 delta.requires_grad_(True)

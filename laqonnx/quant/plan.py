@@ -114,18 +114,27 @@ class TensorRange:
 @dataclass(frozen=True)
 class GuardResult:
     """The guard's comparison: the measured calibration loss of each alternative plan (through
-    onnxruntime), and which one was kept (the lowest)."""
+    onnxruntime), and which one was kept (the lowest; with the robust guard, the lowest among the
+    most robust: ``robust`` holds each one's robust agreement under PGD on its own mirror, on
+    ``robust_examples`` clean calibration inputs)."""
 
     kept: str
     losses: Mapping[str, float]
     examples: int
+    robust: Mapping[str, float] | None = None
+    robust_examples: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"kept": self.kept, "examples": self.examples, "losses": {k: float(v) for k, v in self.losses.items()}}
+        out: dict[str, Any] = {"kept": self.kept, "examples": self.examples, "losses": {k: float(v) for k, v in self.losses.items()}}
+        if self.robust is not None:
+            out.update(robust={k: float(v) for k, v in self.robust.items()}, robust_examples=self.robust_examples)
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> GuardResult:
-        return cls(str(d["kept"]), {str(k): float(v) for k, v in d["losses"].items()}, int(d.get("examples", 0)))
+        robust = d.get("robust")
+        return cls(str(d["kept"]), {str(k): float(v) for k, v in d["losses"].items()}, int(d.get("examples", 0)),
+                   None if robust is None else {str(k): float(v) for k, v in robust.items()}, int(d.get("robust_examples", 0)))
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ from .calibration import Calibration, calibrate
 from .costs import AvgBits, Budget, Choice, MaxBytes, MaxLatency, choose, weight_bytes
 from .int8_range import range_notes
 from .latency_costs import LatencyTable, int4_dominated, table_for
-from .guard import guard, uniform_choice
+from .guard import RobustGuard, guard_plans, uniform_choice
 from .lower import LoweringSpec, lower, quantized_tensors
 from .metric import Candidate, CandidateSpace, ObjectiveConfig, Scored
 from .numerics import PerChannel
-from .plan import GuardResult, LayerPlan, Plan, TensorRange
+from .plan import LayerPlan, Plan, TensorRange
 from .ranges import activation_range
 from .scoring import score_layers
 
@@ -44,7 +44,8 @@ __all__ = ["QuantizeOptions", "Planned", "plan_model", "build_plan", "lowering_s
 class QuantizeOptions:
     """Everything that decides a plan. ``input_range`` None: [0, 1] if the calibration data lie in
     it, else their own range; ``calib_limit`` None: at most 1024 examples; ``guard``: compare the
-    chosen plan with its alternatives through onnxruntime and keep the best."""
+    chosen plan with its alternatives through onnxruntime and keep the best (a
+    :class:`~laqonnx.quant.guard.RobustGuard`: the most robust under PGD on each one's mirror)."""
 
     eps: float = 8 / 255
     norm: str = "inf"
@@ -57,7 +58,7 @@ class QuantizeOptions:
     metric_examples: int = 64
     projections: int | None = None
     adversarial_weight: float = 1.0
-    guard: bool = True
+    guard: bool | RobustGuard = True
     seed: int = 0
     latency_table: LatencyTable | None = None  # per-layer costs for a MaxLatency budget (None: measured, cached)
 
@@ -355,13 +356,12 @@ def plan_model(
     kept = config.objective
     if options.guard and len(built) > 1:
         t = time.perf_counter()
-        entries = guard({n: b[1] for n, b in built.items()}, pm.model, pm.input_name, pm.output_name,
-                        calibration.data.pairs(options.metric_examples), config, getattr(pm, "fixed_batch", None))
-        kept = entries[0].name
-        losses = {e.name: e.loss for e in entries}
-        for name, first in alias.items():  # alternatives identical to a measured one share its loss
-            losses[name] = losses[first]
-        result = GuardResult(kept, losses, int(len(calibration.data.pairs(options.metric_examples).clean)))
+        rg = options.guard if isinstance(options.guard, RobustGuard) and config.eps > 0 else None
+        if rg is not None and not needs_torch:
+            raise OptionError("the robust guard attacks each plan's mirror: it needs torch (pip install 'laqonnx[robustness]')")
+        result = guard_plans({n: b[1] for n, b in built.items()}, alias, pm, calibration, config,
+                             options.metric_examples, rg)
+        kept = result.kept
         timings["guard"] = time.perf_counter() - t
     else:
         result = None

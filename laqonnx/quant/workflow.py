@@ -29,7 +29,7 @@ from ..graph import PreparedModel, load_model
 from ..vocab import Baseline
 from .adversarial import FromData, Generated, Off
 from .costs import AvgBits, MaxBytes, MaxLatency, parse_max_latency
-from .guard import OrtRunner, logits_view
+from .guard import OrtRunner, RobustGuard, logits_view
 from .latency_check import NOISE_MARGIN, LatencyCheck, budget_note, check_latency, slower_note
 from .lower import drop_unused_initializers, lower, ort_baseline, quantized_tensors
 from .metric import CandidateSpace
@@ -311,7 +311,7 @@ def quantize(
     input_range: tuple[float, float] | None = None,
     calib_limit: int | None = None,
     allow_float: bool = False,
-    guard: bool = True,
+    guard: bool | RobustGuard = True,
     metric_examples: int = 64,
     rounding: str | None = None,
     progress: bool = True,
@@ -330,8 +330,8 @@ def quantize(
     False (clean only), or a data spec of adversarial examples paired with ``calib``. Budgets:
     ``avg_weight_bits`` or ``max_bytes`` (at most one). ``per_channel``: None scores both
     granularities, True/False only one (and sets the baseline's). ``plan``: re-apply a (possibly
-    edited) plan instead (see :func:`apply_plan`). ``guard``: compare with the ablations and the
-    uniform rule and keep the best measured. ``rounding``: ``auto`` (default: adaptive rounding
+    edited) plan instead (see :func:`apply_plan`). ``guard``: compare with the ablations and the uniform
+    rule and keep the best measured (a :class:`RobustGuard`: the most robust under PGD). ``rounding``: ``auto`` (default: adaptive rounding
     is a candidate of the int4 per-channel MSE settings), ``nearest`` or ``adaptive`` (forced on
     every layer). ``latency_check``: after writing, time the float and the written model (batch 1,
     interleaved, < 1 s on small models) and warn if the quantized one is slower. ``max_latency``:

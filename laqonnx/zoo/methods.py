@@ -13,6 +13,9 @@ float model, the calibration data, eps, the budget) and writes one model. Famili
   ``int8`` (no budget), ``mixed`` (``avg_weight_bits=B``), ``int4`` (4 bits) and ``w4a4``; a
   ``-ada`` suffix lets adaptive rounding compete as a candidate (``rounding="auto"``; without it,
   round-to-nearest only);
+* ``laq-<regime>-ada-rg`` (mixed, int4, w4a4): the product with the robust guard
+  (:class:`~laqonnx.quant.guard.RobustGuard`, ``--robust-guard``): it keeps the alternative most
+  robust under PGD on its own mirror, ties decided by the measured loss;
 * ``uniform-int4-ada``: the uniform int4 settings (per-channel max-abs weights, min-max
   activations) with adaptive rounding forced: what rounding alone buys over ``ort-int4``.
 """
@@ -225,7 +228,7 @@ _BUDGETS: dict[str, Callable[[MethodContext], float | None]] = {
 }
 
 
-def _laq(name: str, objective: str, regime: str, rounding: str, guard: bool, space: Callable[[], Any] | None = None) -> None:
+def _laq(name: str, objective: str, regime: str, rounding: str, guard: Any, space: Callable[[], Any] | None = None) -> None:
     @method(name)
     def run(ctx: MethodContext) -> Quantized:
         from ..quant.metric import CandidateSpace
@@ -269,5 +272,13 @@ def _uniform_ada():
                           activation_methods=("minmax",), rounding="adaptive")
 
 
+def _robust_guard() -> Any:
+    from ..quant.guard import RobustGuard
+
+    return RobustGuard()
+
+
+for _regime in ("mixed", "int4", "w4a4"):  # the guard keeping the most robust alternative (--robust-guard)
+    _laq(f"laq-{_regime}-ada-rg", "laq", _regime, "auto", _robust_guard())
 _laq("laq-latency", "laq", "latency", "auto", True)  # int8, 16-bit activations or float per layer within ctx.max_latency
 _laq("uniform-int4-ada", "mse", "int4", "adaptive", False, _uniform_ada)
