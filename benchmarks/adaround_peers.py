@@ -153,7 +153,8 @@ def main() -> int:
     goals = {}
     for laq, peer in (("laqonnx-adaptive-int8-clean", "quark-adaround-int8"),
                       ("laqonnx-adaptive-int4-clean", "aimet-adaround-int4"),
-                      ("laqonnx-adaptive-int4-clean", "aimet-adaround-int4-15k")):
+                      ("laqonnx-adaptive-int4-clean", "aimet-adaround-int4-15k"),
+                      ("laqonnx-adaptive-int4", "aimet-adaround-int4-15k")):  # laqonnx's default, with PGD activations
         if laq in summary and peer in summary:
             a, b = summary[laq], summary[peer]
             goals[f"{laq} vs {peer}"] = {"time_ratio": a["seconds"] / b["seconds"],
