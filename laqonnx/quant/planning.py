@@ -378,8 +378,11 @@ def plan_model(
         timings["refit"] = time.perf_counter() - t
     notes = list(calibration.notes) + range_notes(space, plan) + ([refit.note()] if refit is not None else [])
     if result is not None and kept != config.objective:
-        notes.append(f"the guard kept the {kept} plan: its measured calibration loss {result.losses[kept]:.4g} is below "
-                     f"the {config.objective} plan's {result.losses[config.objective]:.4g}")
+        o, r = config.objective, result.robust
+        notes.append(f"the guard kept the {kept} plan: " + (
+            f"robust agreement under PGD {r[kept]:.3f} vs the {o} plan's {r[o]:.3f}, measured calibration loss "
+            f"{result.losses[kept]:.4g} vs {result.losses[o]:.4g}" if r is not None else
+            f"its measured calibration loss {result.losses[kept]:.4g} is below the {o} plan's {result.losses[o]:.4g}"))
     latency = None
     if table is not None:
         est = _estimate_ms(table, plan, pm, scored)
